@@ -1,0 +1,70 @@
+"""
+Codebase for Improved Denoising Diffusion Probabilistic Models, ported to Jittor.
+
+Importing this package prepares Jittor's environment before Jittor itself is imported, so every entry
+point (scripts, DiT, tests) gets the same behaviour:
+
+* no NVIDIA GPU: ``nvcc_path=""`` (an installed CUDA compiler would otherwise make Jittor look for
+  libcudart and crash);
+* a GPU: CUDA is switched on (``jt.flags.use_cuda``);
+* oneDNN: Jittor's own download of oneDNN fails offline; ``make setup`` wires Debian's library in its
+  place, and a missing wiring is reported with the fix instead of a traceback.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+_ONEDNN_DIRNAME = "dnnl_lnx_2.2.0_cpu_gomp"
+
+
+def _has_nvidia_gpu() -> bool:
+    """True when an NVIDIA GPU is visible to this process."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+            return out.returncode == 0 and "GPU" in out.stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return False
+
+
+def _jittor_home() -> str:
+    return os.environ.get("JITTOR_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "jittor")
+
+
+def _check_onednn() -> None:
+    """Stop with the fix when Jittor would try (and fail) to download oneDNN."""
+    if os.environ.get("use_mkl", "1") == "0":
+        return
+    lib = os.path.join(_jittor_home(), "mkl", _ONEDNN_DIRNAME, "lib", "libmkldnn.so")
+    if not os.path.exists(lib):
+        sys.stderr.write(
+            "guided_diffusion: Jittor's oneDNN library is not set up (%s is missing).\n"
+            "Run `make setup` in the repository (it links Debian's libdnnl there), or set use_mkl=0 to run "
+            "without oneDNN (CPU convolutions ~100x slower).\n" % lib
+        )
+        raise SystemExit(2)
+
+
+def _prepare_jittor_environment() -> bool:
+    """Set Jittor's environment variables; returns whether a GPU is present."""
+    gpu = _has_nvidia_gpu()
+    if not gpu:
+        os.environ["nvcc_path"] = ""
+    _check_onednn()
+    return gpu
+
+
+os.environ.setdefault("log_silent", "1")  # Jittor info lines; our strict loader makes its warnings unnecessary
+HAS_GPU = _prepare_jittor_environment() if "jittor" not in sys.modules else None
+
+import jittor as _jt  # noqa: E402  (must come after the environment is prepared)
+
+if _jt.has_cuda:
+    _jt.flags.use_cuda = 1
