@@ -1,0 +1,288 @@
+"""
+The logic behind DiT's entry scripts (train.py, sample.py, sample_ddp.py), kept out of them so they stay wiring.
+
+Building a model from a registry name (optionally shrunk for CPU experiments), loading the VAE and DiT weights with
+clear errors, the ImageFolder listing, the reference's logger, the latent <-> image conversions and the training
+checkpoint (model, EMA, AdamW state in PyTorch's layout via train_util.AdamW, args) with resume.
+"""
+
+import argparse
+import logging
+import os
+import re
+from glob import glob
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+import guided_diffusion  # noqa: F401  (prepares Jittor's environment before Jittor is imported)
+import jittor as jt
+
+from guided_diffusion import checkpoint as gd_checkpoint
+from guided_diffusion import dist_util
+from guided_diffusion.errors import CheckpointError, DataError, UserError
+from guided_diffusion.train_util import AdamW
+
+from autoencoder import WEIGHTS_NAMES, AutoencoderKL
+from download import find_model
+from models import DiT, DiT_models
+
+# Stable Diffusion's latent scaling factor, applied by DiT (not inside the VAE).
+LATENT_SCALE = 0.18215
+# The class labels sample.py draws (as released).
+SAMPLE_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+# Depth, width and heads of each model size; the patch size is the number after "/".
+MODEL_SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+}
+HF_HUB = "https://huggingface.co"
+# torchvision ImageFolder's extensions.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags shared by the scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_model_override_flags(parser: argparse.ArgumentParser) -> None:
+    """--depth / --hidden-size / --num-heads: shrink a named config (e.g. for CPU experiments and tests)."""
+    parser.add_argument("--depth", type=int, default=None,
+                        help="override the number of transformer blocks of --model (unset: the config's)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="override the hidden width of --model (unset: the config's)")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="override the number of attention heads of --model (unset: the config's)")
+
+
+def add_vae_flags(parser: argparse.ArgumentParser, default_vae: str) -> None:
+    """--vae (ema|mse) and --vae-path (a local diffusers VAE folder)."""
+    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default=default_vae,
+                        help="which fine-tuned decoder of stabilityai/sd-vae-ft-* to use")
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="local diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors); "
+                             "unset: ./stabilityai/sd-vae-ft-{vae}, downloaded from the Hugging Face hub if missing")
+
+
+def vae_folder(args: argparse.Namespace) -> str:
+    """The VAE folder the flags name: --vae-path, else ./stabilityai/sd-vae-ft-{vae} (as the README says)."""
+    return args.vae_path or os.path.join("stabilityai", "sd-vae-ft-%s" % args.vae)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_config(name: str) -> Dict[str, int]:
+    """depth / hidden_size / num_heads / patch_size of a registry name such as "DiT-XL/2"."""
+    m = re.fullmatch(r"DiT-(XL|L|B|S)/(\d+)", name or "")
+    if name not in DiT_models or not m:
+        raise UserError("unknown --model %r: choose one of %s" % (name, ", ".join(DiT_models)))
+    cfg = dict(MODEL_SIZES[m.group(1)])
+    cfg["patch_size"] = int(m.group(2))
+    return cfg
+
+
+def vae_downsample_factor(vae: AutoencoderKL) -> int:
+    """Image size / latent size of a VAE: 8 for the KL-f8 VAEs (4 blocks), 2**(blocks-1) in general."""
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
+
+
+def latent_size_for(image_size: int, factor: int) -> int:
+    """The latent size for --image-size, refusing sizes the VAE cannot encode exactly."""
+    if image_size <= 0 or image_size % factor:
+        raise UserError("--image-size %d must be a positive multiple of %d (the VAE's downsampling factor); "
+                        "DiT was released for 256 and 512" % (image_size, factor))
+    return image_size // factor
+
+
+def build_model(args: argparse.Namespace, latent_size: int) -> DiT:
+    """DiT_models[--model](input_size=latent_size, num_classes=--num-classes), with the optional size overrides."""
+    cfg = model_config(args.model)
+    overrides = {"depth": getattr(args, "depth", None), "hidden_size": getattr(args, "hidden_size", None),
+                 "num_heads": getattr(args, "num_heads", None)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.num_classes < 1:
+        raise UserError("--num-classes must be at least 1 (got %d)" % args.num_classes)
+    if latent_size % cfg["patch_size"]:
+        raise UserError("the latent size %d is not divisible by the patch size %d of %s: choose another "
+                        "--image-size or --model" % (latent_size, cfg["patch_size"], args.model))
+    if not overrides:
+        return DiT_models[args.model](input_size=latent_size, num_classes=args.num_classes)
+    cfg.update(overrides)
+    if cfg["hidden_size"] % cfg["num_heads"]:
+        raise UserError("--hidden-size %d is not divisible by --num-heads %d" % (cfg["hidden_size"], cfg["num_heads"]))
+    return DiT(input_size=latent_size, num_classes=args.num_classes, **cfg)
+
+
+def load_dit_checkpoint(model: DiT, ckpt: Optional[str], args: argparse.Namespace) -> str:
+    """Load --ckpt (or the released DiT-XL/2 weights for --image-size) strictly into model; returns the path used."""
+    if ckpt is None:
+        if args.model != "DiT-XL/2" or args.image_size not in (256, 512) or args.num_classes != 1000:
+            raise UserError("without --ckpt only the released models can be used (--model DiT-XL/2, --image-size "
+                            "256 or 512, --num-classes 1000); pass --ckpt for other settings")
+        ckpt = "DiT-XL-2-%dx%d.pt" % (args.image_size, args.image_size)
+    state_dict = find_model(ckpt)
+    gd_checkpoint.load_state_dict_strict(model, state_dict, source="DiT checkpoint %s" % ckpt)
+    return ckpt
+
+
+def fetch_vae(vae: str, folder: str) -> str:
+    """Download stabilityai/sd-vae-ft-{vae} (config.json + safetensors) from the Hugging Face hub into folder.
+
+    The reference's from_pretrained fetches the hub repository the same way; offline, the error names the URLs and
+    the folder to put the files in (the README's ./stabilityai layout).
+    """
+    from guided_diffusion.download import download_file
+
+    os.makedirs(folder, exist_ok=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        url = "%s/stabilityai/sd-vae-ft-%s/resolve/main/%s" % (HF_HUB, vae, name)
+        dest = os.path.join(folder, name)
+        download_file(url, dest, what="the VAE file %s" % name,
+                      place_hint="download config.json and diffusion_pytorch_model.safetensors from "
+                                 "%s/stabilityai/sd-vae-ft-%s into %s (or pass --vae-path)"
+                                 % (HF_HUB, vae, os.path.abspath(folder)))
+    return folder
+
+
+def load_vae(args: argparse.Namespace) -> AutoencoderKL:
+    """The VAE named by --vae-path, else ./stabilityai/sd-vae-ft-{vae} (downloaded from the hub if missing)."""
+    folder = vae_folder(args)
+    have_weights = any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHTS_NAMES)
+    if args.vae_path is None and not (os.path.isfile(os.path.join(folder, "config.json")) and have_weights):
+        fetch_vae(args.vae, folder)
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def encode_latents(vae: AutoencoderKL, x: jt.Var) -> jt.Var:
+    """Images in [-1, 1] -> scaled latents: a posterior sample times 0.18215 (as DiT trains)."""
+    with jt.no_grad():
+        return (vae.encode(x).latent_dist.sample() * LATENT_SCALE).detach()
+
+
+def decode_latents(vae: AutoencoderKL, z: jt.Var) -> jt.Var:
+    """Scaled latents -> images in about [-1, 1]: vae.decode(z / 0.18215).sample."""
+    with jt.no_grad():
+        return vae.decode(z / LATENT_SCALE).sample
+
+
+def images_to_uint8_dit(x: jt.Var) -> np.ndarray:
+    """sample_ddp's conversion: clamp(127.5 x + 128, 0, 255) truncated to uint8, NCHW -> NHWC."""
+    arr = x.numpy().astype(np.float32)
+    arr = np.clip(127.5 * arr + 128.0, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
+def images_to_uint8_grid(x: jt.Var) -> np.ndarray:
+    """torchvision save_image(normalize=True, value_range=(-1, 1)) rounding: ((x+1)/2*255 + 0.5), NHWC uint8."""
+    arr = np.clip(x.numpy().astype(np.float32), -1.0, 1.0)
+    arr = np.clip((arr + 1.0) / 2.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def list_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """torchvision ImageFolder's view of root: (files, labels, class names), classes = sorted sub-folders."""
+    if not os.path.isdir(root):
+        raise DataError("--data-path %r is not a directory: give the ImageNet train folder (one sub-folder per class)"
+                        % root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DataError("--data-path %r has no class sub-folders: images must be in root/<class>/<image> as for "
+                        "torchvision's ImageFolder" % root)
+    files, labels = [], []
+    for idx, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            for fname in sorted(names):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, fname))
+                    labels.append(idx)
+    if not files:
+        raise DataError("--data-path %r has class folders but no images (%s)" % (root, ", ".join(IMAGE_EXTENSIONS)))
+    return files, labels, classes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging and experiment folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def create_logger(logging_dir: Optional[str]) -> logging.Logger:
+    """The reference's logger: rank 0 logs to stdout and logging_dir/log.txt; other ranks are silent."""
+    logger = logging.getLogger("DiT")
+    logger.handlers.clear()
+    logger.propagate = False
+    if dist_util.is_main_process() and logging_dir is not None:
+        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def new_experiment_dir(results_dir: str, model_name: str) -> str:
+    """{results_dir}/{NNN}-{model with '/' -> '-'}, NNN = number of entries already there (as the reference)."""
+    os.makedirs(results_dir, exist_ok=True)
+    index = len(glob(os.path.join(results_dir, "*")))
+    return os.path.join(results_dir, "%03d-%s" % (index, model_name.replace("/", "-")))
+
+
+def experiment_dir_for(args: argparse.Namespace, resume_steps: int) -> str:
+    """The run folder (with checkpoints/ inside): the resumed run's own folder, else a new one.
+
+    A resumed run continues in its folder unless that folder already holds later checkpoints (resuming from an
+    older one), which are never overwritten: the run then gets a new folder.
+    """
+    if args.resume:
+        ckpt_dir = os.path.dirname(os.path.abspath(args.resume))
+        if os.path.basename(ckpt_dir) == "checkpoints":
+            later = [f for f in glob(os.path.join(ckpt_dir, "*.pt"))
+                     if os.path.basename(f)[:-3].isdigit() and int(os.path.basename(f)[:-3]) > resume_steps]
+            if not later:
+                return os.path.dirname(ckpt_dir)
+    experiment_dir = new_experiment_dir(args.results_dir, args.model)
+    os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+    return experiment_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW, args: argparse.Namespace) -> None:
+    """Write {"model", "ema", "opt", "args"} (the reference's layout) atomically in torch's zip format."""
+    state = {
+        "model": gd_checkpoint.module_state_dict(model),
+        "ema": gd_checkpoint.module_state_dict(ema),
+        "opt": opt.state_dict(),
+        "args": args,
+    }
+    gd_checkpoint.save_file(state, path)
+
+
+def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW) -> int:
+    """Restore model, EMA and optimizer from a train.py checkpoint; returns the number of steps already trained."""
+    if not os.path.isfile(path):
+        raise CheckpointError("--resume %s: file not found; give a checkpoint written by train.py "
+                              "(results/NNN-model/checkpoints/XXXXXXX.pt)" % path)
+    ckpt = gd_checkpoint.load_file(path)
+    if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in ("model", "ema", "opt")):
+        raise CheckpointError("--resume %s is not a train.py checkpoint (it needs the keys model, ema, opt); "
+                              "to start from released weights use sample.py's --ckpt instead" % path)
+    gd_checkpoint.load_state_dict_strict(model, ckpt["model"], source="--resume %s (model)" % path)
+    gd_checkpoint.load_state_dict_strict(ema, ckpt["ema"], source="--resume %s (ema)" % path)
+    opt.load_state_dict(ckpt["opt"], source="--resume %s (opt)" % path)
+    return int(opt.n_step)

@@ -1,0 +1,135 @@
+"""
+A minimal training script for DiT (DiT ``train.py``), in Jittor, runnable on one process or under mpirun.
+
+Images from an ImageFolder-style tree (one sub-folder per class) are centre-cropped, randomly flipped, encoded by
+the VAE into latents (a posterior sample x 0.18215), and the DiT learns them with the diffusion loss (AdamW, lr
+1e-4, no weight decay, EMA 0.9999). Checkpoints {"model", "ema", "opt", "args"} are written every --ckpt-every
+steps; --resume continues a run from one of them exactly where it stopped.
+"""
+
+import argparse
+import os
+import sys
+from time import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # DiT's own modules, from any working directory
+
+import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment before Jittor is imported)
+import jittor as jt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion.errors import UserError, run_cli  # noqa: E402
+from guided_diffusion.image_datasets import BatchIterator, ImageDataset  # noqa: E402
+from guided_diffusion.nn import update_ema  # noqa: E402
+from guided_diffusion.train_util import AdamW, step_seed  # noqa: E402
+
+import dit_util  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from models import DiT_models  # noqa: E402
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    """The reference's flags (with --batch-size as an alias of --global-batch-size), --vae-path and --resume."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="training images, one sub-folder per class (e.g. ImageNet's train folder)")
+    parser.add_argument("--results-dir", type=str, default="results",
+                        help="each run gets a new NNN-model folder here (log.txt, checkpoints/)")
+    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2",
+                        help="DiT configuration to train")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="image size in pixels: 256 or 512 as released (any multiple of the VAE's "
+                             "downsampling factor, e.g. for small CPU experiments)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="number of label classes of the model")
+    parser.add_argument("--epochs", type=int, default=1400, help="passes over the data set")
+    parser.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=int, default=256,
+                        help="images per step over all processes")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of the data order, noise and timesteps")
+    dit_util.add_vae_flags(parser, default_vae="ema")
+    parser.add_argument("--num-workers", type=int, default=4,
+                        help="accepted for compatibility; images are decoded by one background thread")
+    parser.add_argument("--log-every", type=int, default=100, help="log the mean loss every this many steps")
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help="write a checkpoint every this many steps")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="continue from a checkpoint written by this script (.../checkpoints/XXXXXXX.pt)")
+    dit_util.add_model_override_flags(parser)
+    return parser
+
+
+def main() -> None:
+    args = create_argparser().parse_args()
+    dist_util.setup_dist()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    if args.global_batch_size % world:
+        raise UserError("--global-batch-size %d must be divisible by the number of processes %d"
+                        % (args.global_batch_size, world))
+    if args.log_every < 1 or args.ckpt_every < 1:
+        raise UserError("--log-every and --ckpt-every must be at least 1")
+    jt.set_global_seed(args.global_seed)
+
+    vae = dit_util.load_vae(args)
+    latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
+    model = dit_util.build_model(args, latent_size)
+    ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
+    dist_util.sync_params(model.parameters())
+    update_ema(ema.parameters(), model.parameters(), rate=0)  # ema starts as a copy of the model
+    opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear noise schedule
+
+    files, labels, classes = dit_util.list_image_folder(args.data_path)
+    dataset = ImageDataset(args.image_size, files, classes=labels, shard=rank, num_shards=world, random_flip=True)
+    loader = BatchIterator(dataset, args.global_batch_size // world, shuffle=True, seed=args.global_seed)
+
+    train_steps = dit_util.load_training_checkpoint(args.resume, model, ema, opt) if args.resume else 0
+    experiment_dir = dit_util.experiment_dir_for(args, train_steps) if rank == 0 else None
+    logger = dit_util.create_logger(experiment_dir)
+    checkpoint_dir = os.path.join(experiment_dir, "checkpoints") if experiment_dir else None
+    logger.info("Experiment directory created at %s" % experiment_dir)
+    if args.resume:
+        logger.info("Resumed from %s at step %d" % (args.resume, train_steps))
+    logger.info("DiT Parameters: {:,}".format(sum(p.numel() for p in model.parameters())))
+    logger.info("Dataset contains {:,} images ({}) in {} classes".format(len(files), args.data_path, len(classes)))
+
+    model.train()  # important! This enables embedding dropout for classifier-free guidance
+    ema.eval()  # EMA model should always be in eval mode
+    total_steps = args.epochs * loader.batches_per_epoch
+    loader.seek(train_steps)
+    log_steps, running_loss, start_time, logged_epoch = 0, 0.0, time(), -1
+    logger.info("Training for %d epochs..." % args.epochs)
+    while train_steps < total_steps:
+        if train_steps // loader.batches_per_epoch != logged_epoch:
+            logged_epoch = train_steps // loader.batches_per_epoch
+            logger.info("Beginning epoch %d..." % logged_epoch)
+        images, cond = next(loader)
+        jt.set_global_seed(step_seed(args.global_seed, train_steps))
+        x = dit_util.encode_latents(vae, jt.array(images))
+        y = jt.array(cond["y"].astype(np.int32))
+        t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
+        loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        opt.step(loss)
+        update_ema(ema.parameters(), model.parameters(), rate=0.9999)
+        jt.sync(list(model.parameters()) + list(ema.parameters()) + opt.param_groups[0]["m"]
+                + opt.param_groups[0]["values"])
+
+        running_loss += float(loss.item())
+        log_steps += 1
+        train_steps += 1
+        if train_steps % args.log_every == 0:
+            steps_per_sec = log_steps / (time() - start_time)
+            avg_loss = float(dist_util.all_reduce_mean_array(np.array(running_loss / log_steps)))
+            logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
+            running_loss, log_steps, start_time = 0.0, 0, time()
+        if train_steps % args.ckpt_every == 0 and train_steps > 0:
+            if rank == 0:
+                checkpoint_path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
+                dit_util.save_training_checkpoint(checkpoint_path, model, ema, opt, args)
+                logger.info(f"Saved checkpoint to {checkpoint_path}")
+            dist_util.barrier()
+    loader.close()
+    model.eval()  # important! This disables randomized embedding dropout
+    logger.info("Done!")
+
+
+if __name__ == "__main__":
+    run_cli(main)

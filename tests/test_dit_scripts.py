@@ -1,0 +1,173 @@
+"""DiT entry scripts end to end on a tiny model and the tiny VAE fixture: train (+resume), sample, sample_ddp,
+the README's flags, download.find_model."""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
+import jittor as jt  # noqa: F401
+
+from guided_diffusion.checkpoint import load_file, save_file
+from guided_diffusion.errors import CheckpointError, DownloadError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIT = os.path.join(ROOT, "DiT")
+sys.path.insert(0, DIT)
+FIX = os.path.join(ROOT, "tests", "fixtures", "dit")
+VAE_DIR = os.path.join(FIX, "vae_tiny")
+TINY_CKPT = os.path.join(FIX, "dit_tiny_p4.pt")
+# DiT-S/4 shrunk to the fixture's size: patch 4, depth 2, hidden 64, 4 heads; 32 px images -> 16x16 latents.
+TINY_MODEL = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
+              "--image-size", "32", "--vae-path", VAE_DIR]
+
+import download  # noqa: E402
+
+
+def _run(script, args, cwd, expect_ok=True):
+    env = dict(os.environ, OPENAI_LOGDIR=os.path.join(str(cwd), "logs"))
+    proc = subprocess.run([sys.executable, os.path.join(DIT, script)] + list(args), cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _image_folder(root, per_class=2):
+    rng = np.random.RandomState(0)
+    for cls in ("cat", "dog"):
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for i in range(per_class):
+            arr = rng.randint(0, 255, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, cls, "%d.png" % i))
+    return root
+
+
+def _logged_losses(log_path):
+    with open(log_path) as f:
+        text = f.read()
+    return {int(m.group(1)): float(m.group(2))
+            for m in re.finditer(r"\(step=(\d{7})\) Train Loss: ([0-9.na]+), Train Steps/Sec: [0-9.]+", text)}
+
+
+def test_train_writes_checkpoints_and_resumes_exactly(tmp_path):
+    data = _image_folder(str(tmp_path / "data"))
+    common = TINY_MODEL + ["--num-classes", "2", "--data-path", data, "--batch-size", "2",
+                           "--results-dir", "res", "--log-every", "1", "--ckpt-every", "1"]
+    _run("train.py", common + ["--epochs", "1"], tmp_path)
+    run0 = tmp_path / "res" / "000-DiT-S-4"
+    assert sorted(os.listdir(run0 / "checkpoints")) == ["0000001.pt", "0000002.pt"]
+    losses = _logged_losses(run0 / "log.txt")
+    assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+    ckpt = load_file(str(run0 / "checkpoints" / "0000002.pt"))
+    assert set(ckpt) == {"model", "ema", "opt", "args"}
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].global_batch_size == 2
+    assert ckpt["model"]["pos_embed"].shape == (1, 16, 64)
+    assert not np.array_equal(ckpt["model"]["final_layer.linear.weight"], ckpt["ema"]["final_layer.linear.weight"])
+
+    # Resuming from step 1 (a later checkpoint exists, so a new run folder is used, nothing is overwritten)
+    # reproduces step 2 of the uninterrupted run.
+    before = (run0 / "checkpoints" / "0000002.pt").read_bytes()
+    _run("train.py", common + ["--epochs", "1", "--resume", str(run0 / "checkpoints" / "0000001.pt")], tmp_path)
+    run1 = tmp_path / "res" / "001-DiT-S-4"
+    assert (run0 / "checkpoints" / "0000002.pt").read_bytes() == before
+    assert _logged_losses(run1 / "log.txt") == {2: losses[2]}
+    resumed = load_file(str(run1 / "checkpoints" / "0000002.pt"))
+    for key in ("model", "ema"):
+        for name, value in ckpt[key].items():
+            np.testing.assert_allclose(resumed[key][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_train_accepts_the_readme_command_flags():
+    import train
+
+    cmd = ("--model DiT-XL/2 --data-path ./imagenet --image-size 256 --batch-size 128 --epochs 300 "
+           "--num-workers 4 --global-seed 0 --results-dir ./res_dir").split()
+    args = train.create_argparser().parse_args(cmd)
+    assert (args.model, args.global_batch_size, args.epochs, args.results_dir) == ("DiT-XL/2", 128, 300, "./res_dir")
+    assert args.vae == "ema" and args.vae_path is None and args.ckpt_every == 50_000 and args.log_every == 100
+
+
+def test_train_without_class_folders_reports_the_layout(tmp_path):
+    (tmp_path / "flat").mkdir()
+    proc = _run("train.py", TINY_MODEL + ["--data-path", str(tmp_path / "flat")], tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "class" in proc.stderr
+
+
+def test_sample_writes_a_grid_of_eight_images(tmp_path):
+    _run("sample.py", TINY_MODEL + ["--ckpt", TINY_CKPT, "--num-sampling-steps", "2", "--seed", "1"], tmp_path)
+    with Image.open(tmp_path / "sample.png") as im:
+        assert im.size == (2 + 4 * (32 + 2), 2 + 2 * (32 + 2))  # 2 rows of 4, padding 2 (torchvision's layout)
+        arr = np.asarray(im.convert("RGB"))
+    assert arr[2:34, 2:34].std() > 0
+
+
+def test_sample_with_a_missing_vae_folder_says_what_to_place(tmp_path):
+    args = TINY_MODEL[:-1] + [str(tmp_path / "no_vae"), "--ckpt", TINY_CKPT, "--num-sampling-steps", "2"]
+    proc = _run("sample.py", args, tmp_path, expect_ok=False)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "no_vae" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_default_vae_is_fetched_into_stabilityai_and_offline_says_where(tmp_path, monkeypatch):
+    import requests
+
+    import dit_util
+    from guided_diffusion import download as gd_download
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(gd_download.requests, "get", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError) as info:
+        dit_util.load_vae(argparse.Namespace(vae="mse", vae_path=None))
+    msg = str(info.value)
+    assert "https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in msg
+    assert os.path.join(str(tmp_path), "stabilityai", "sd-vae-ft-mse") in msg
+
+
+def test_sample_ddp_writes_the_evaluator_npz(tmp_path):
+    _run("sample_ddp.py", TINY_MODEL + ["--ckpt", TINY_CKPT, "--num-sampling-steps", "2", "--num-fid-samples", "3",
+                                        "--per-proc-batch-size", "2", "--global-seed", "3"], tmp_path)
+    folder = tmp_path / "samples" / "DiT-S-4-dit_tiny_p4-size-32-vae-ema-cfg-1.5-seed-3"
+    with np.load(str(folder) + ".npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (3,) and labels.min() >= 0 and labels.max() < 1000
+    assert os.path.samefile(str(folder) + ".npz", str(folder / "samples_3x32x32x3.npz"))
+
+
+def test_find_model_returns_the_ema_of_a_training_checkpoint(tmp_path):
+    ema = {"w": np.ones((2, 2), np.float32)}
+    path = str(tmp_path / "0000010.pt")
+    save_file({"model": {"w": np.zeros((2, 2), np.float32)}, "ema": ema, "opt": {}, "args": argparse.Namespace()},
+              path)
+    np.testing.assert_array_equal(download.find_model(path)["w"], ema["w"])
+    assert "x_embedder.proj.weight" in download.find_model(TINY_CKPT)
+    with pytest.raises(CheckpointError, match="could not find DiT checkpoint"):
+        download.find_model(str(tmp_path / "nope.pt"))
+
+
+def test_offline_download_names_the_url_and_the_place(tmp_path, monkeypatch):
+    import requests
+
+    from guided_diffusion import download as gd_download
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(gd_download.requests, "get", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError) as info:
+        download.find_model("./pretrained_models/DiT-XL-2-256x256.pt")
+    msg = str(info.value)
+    assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in msg
+    assert os.path.join(str(tmp_path), "pretrained_models", "DiT-XL-2-256x256.pt") in msg
+    assert not (tmp_path / "pretrained_models" / "DiT-XL-2-256x256.pt").exists()
