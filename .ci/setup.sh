@@ -53,7 +53,7 @@ if ! "$VPY" -c "import guided_diffusion, os, sys; sys.exit(0 if os.path.dirname(
 fi
 
 # Debian's oneDNN 2.x under the name and place Jittor's downloader would have used.
-D="$HOME/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp"
+D="${JITTOR_HOME:-$HOME}/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp"
 mkdir -p "$D/lib" "$D/include"
 ln -sfn /usr/lib/x86_64-linux-gnu/libdnnl.so.2 "$D/lib/libmkldnn.so"
 

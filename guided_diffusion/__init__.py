@@ -11,10 +11,12 @@ point (scripts, DiT, tests) gets the same behaviour:
   place, and a missing wiring is reported with the fix instead of a traceback.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 _ONEDNN_DIRNAME = "dnnl_lnx_2.2.0_cpu_gomp"
 
@@ -35,14 +37,22 @@ def _has_nvidia_gpu() -> bool:
 
 
 def _jittor_home() -> str:
-    return os.environ.get("JITTOR_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "jittor")
+    """Jittor's home (its caches live in <home>/.cache/jittor): $JITTOR_HOME, the value Jittor remembered, or ~."""
+    if os.environ.get("JITTOR_HOME"):
+        return os.environ["JITTOR_HOME"]
+    remembered = os.path.join(os.path.expanduser("~"), ".cache", "jittor", "config.json")
+    try:
+        with open(remembered) as f:
+            return json.load(f).get("JITTOR_HOME") or os.path.expanduser("~")
+    except (OSError, ValueError):
+        return os.path.expanduser("~")
 
 
 def _check_onednn() -> None:
     """Stop with the fix when Jittor would try (and fail) to download oneDNN."""
     if os.environ.get("use_mkl", "1") == "0":
         return
-    lib = os.path.join(_jittor_home(), "mkl", _ONEDNN_DIRNAME, "lib", "libmkldnn.so")
+    lib = os.path.join(_jittor_home(), ".cache", "jittor", "mkl", _ONEDNN_DIRNAME, "lib", "libmkldnn.so")
     if not os.path.exists(lib):
         sys.stderr.write(
             "guided_diffusion: Jittor's oneDNN library is not set up (%s is missing).\n"
@@ -65,6 +75,9 @@ os.environ.setdefault("log_silent", "1")  # Jittor info lines; our strict loader
 HAS_GPU = _prepare_jittor_environment() if "jittor" not in sys.modules else None
 
 import jittor as _jt  # noqa: E402  (must come after the environment is prepared)
+
+# Jittor's compiled libraries switch the CPU to flush-to-zero, after which numpy warns on every np.finfo call.
+warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 
 if _jt.has_cuda:
     _jt.flags.use_cuda = 1

@@ -78,7 +78,7 @@ def free_model_and_diffusion_defaults() -> Dict[str, Any]:
     res = model_and_diffusion_defaults()
     res.update(
         image_size=32,
-        num_channels=64,
+        num_channels=128,
         num_res_blocks=2,
         channel_mult="1,2,2,2",
         attention_resolutions="16",

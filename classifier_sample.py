@@ -1,0 +1,75 @@
+"""
+Like image_sample.py, but use a noisy image classifier to guide the sampling process towards more realistic
+images (classifier guidance: DDPM, or DDIM with --use_ddim True --timestep_respacing ddim25).
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, guidance, logger, sampling
+from guided_diffusion.errors import run_cli
+from guided_diffusion.script_util import (
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    classifier_defaults,
+    model_and_diffusion_defaults,
+)
+
+
+def main():
+    args = create_argparser().parse_args()
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    fixed = sampling.parse_class_labels(args.class_labels, NUM_CLASSES)
+    sampling.require_file(args.classifier_path, what="classifier", flag="--classifier_path")
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, model_and_diffusion_defaults().keys(), model_path=args.model_path
+    )
+
+    logger.log("loading classifier...")
+    classifier = sampling.load_classifier(args)
+    cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale)
+
+    def model_fn(x, t, y=None):
+        assert y is not None
+        return model(x, t, y if args.class_cond else None)
+
+    logger.log("sampling...")
+    sample_batch = sampling.make_diffusion_sampler(
+        diffusion, model_fn, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
+        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, cond_fn=cond_fn,
+        num_classes=NUM_CLASSES, fixed_labels=fixed,
+    )
+    sampling.generate_samples(
+        sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
+        image_shape=(args.image_size, args.image_size, 3), run_config=sampling.sampling_run_config(args),
+    )
+    logger.log("sampling complete")
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        classifier_path="",
+        classifier_scale=1.0,
+        seed=0,
+        class_labels="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(classifier_defaults())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    sampling.document_flags(parser, {"class_labels": "comma-separated class ids to guide towards, used in turn "
+                                                     "(e.g. 207 or 1,2,3); empty: a random class per sample"})
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,106 @@
+"""
+Sample with classifier-free guidance: eps = (1 + w) * eps_cond - w * eps_uncond on the noise prediction (the
+learned variance comes from the conditional prediction). Two ways to give the models:
+
+  (a) --cmodel_path COND.pt --ucmodel_path UNCOND.pt: a class-conditional and an unconditional model with the same
+      architecture flags, e.g. the released 256x256_diffusion.pt and 256x256_diffusion_uncond.pt (the conditional
+      one is built with --class_cond True, the unconditional one with --class_cond False, whatever --class_cond says);
+  (b) --model_path MODEL.pt: one model trained by free_train.py, whose label table has --num_classes + 1 rows; the
+      last row is the null label used for the unconditional prediction. Flags not given on the command line take
+      free_train.py's defaults (script_util.free_model_and_diffusion_defaults) in this mode.
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger, sampling
+from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.guidance import ClassifierFreeGuidance
+from guided_diffusion.script_util import (
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    free_model_and_diffusion_defaults,
+    model_and_diffusion_defaults,
+)
+
+
+def main():
+    args = create_argparser().parse_args()
+    if args.model_path:
+        args = create_argparser(free_defaults=True).parse_args()  # mode (b): free_train.py's defaults
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    keys = model_and_diffusion_defaults().keys()
+    logger.log("creating model and diffusion...")
+    if args.model_path:
+        if args.cmodel_path or args.ucmodel_path:
+            raise UserError("give either --model_path (a free_train.py model) or --cmodel_path with --ucmodel_path "
+                            "(two models), not both")
+        num_classes = args.num_classes
+        model, diffusion = sampling.load_model_and_diffusion(
+            args, keys, model_path=args.model_path, class_cond=True, num_classes=num_classes + 1
+        )
+        guided = ClassifierFreeGuidance(model, args.w, null_label=num_classes)
+    else:
+        if not (args.cmodel_path and args.ucmodel_path):
+            raise UserError("classifier-free sampling needs --cmodel_path (class-conditional model) and "
+                            "--ucmodel_path (unconditional model), or --model_path (a model trained by "
+                            "free_train.py)")
+        num_classes = NUM_CLASSES
+        cmodel, diffusion = sampling.load_model_and_diffusion(
+            args, keys, model_path=args.cmodel_path, flag="--cmodel_path", class_cond=True
+        )
+        ucmodel, _ = sampling.load_model_and_diffusion(
+            args, keys, model_path=args.ucmodel_path, flag="--ucmodel_path", class_cond=False
+        )
+        guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel)
+    fixed = sampling.parse_class_labels(args.class_labels, num_classes)
+
+    logger.log("sampling with guidance weight w=%g..." % args.w)
+    sample_batch = sampling.make_diffusion_sampler(
+        diffusion, guided, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
+        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, num_classes=num_classes, fixed_labels=fixed,
+    )
+    sampling.generate_samples(
+        sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
+        image_shape=(args.image_size, args.image_size, 3), run_config=sampling.sampling_run_config(args),
+    )
+    logger.log("sampling complete")
+
+
+def create_argparser(free_defaults: bool = False):
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        cmodel_path="",
+        ucmodel_path="",
+        model_path="",
+        w=3.0,
+        seed=0,
+        class_labels="",
+    )
+    defaults.update(free_model_and_diffusion_defaults() if free_defaults else model_and_diffusion_defaults())
+    defaults.setdefault("num_classes", free_model_and_diffusion_defaults()["num_classes"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    sampling.document_flags(parser, {
+        "w": "classifier-free guidance weight: eps = (1 + w) * eps_cond - w * eps_uncond; 0 samples the "
+             "conditional model alone, larger values follow the class more closely (less diversity)",
+        "cmodel_path": "mode (a): the class-conditional model, e.g. models/256x256_diffusion.pt",
+        "ucmodel_path": "mode (a): the unconditional model, e.g. models/256x256_diffusion_uncond.pt",
+        "model_path": "mode (b): a model trained by free_train.py (null label = --num_classes)",
+        "num_classes": "mode (b): number of real classes of the free_train.py model (its label table has one more "
+                       "row, the null label); mode (a) always uses the 1000 ImageNet classes",
+        "class_cond": "ignored: the conditional model is always class-conditional, the unconditional one not",
+    })
+    for action in parser._actions:  # show defaults (RawDescription keeps the mode list above readable)
+        if action.help and action.default not in (None, argparse.SUPPRESS) and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,106 @@
+"""
+Train a class-conditional diffusion model for classifier-free guidance (default: CIFAR-10, downloaded to
+./data/cifar10 when absent). Labels are replaced by the null label (= --num_classes) with probability --p_uncond,
+so one model learns both the conditional and the unconditional prediction; sample with free_sample.py.
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cifar10 import load_cifar10_or_folder
+from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.image_datasets import with_label_dropout
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    free_model_and_diffusion_defaults,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import TRAIN_FLAG_HELP, TrainLoop, set_flag_help
+
+FREE_FLAG_HELP = dict(
+    TRAIN_FLAG_HELP,
+    data_dir="CIFAR-10 folder (cifar-10-batches-py inside, downloaded when absent) or a folder of images "
+             "named <class>_<anything>.png",
+    num_classes="number of real classes; the label table gets one more row, the null label (= num_classes)",
+    p_uncond="probability of replacing a label by the null label during training",
+    seed="seed of the data order, label dropout and noise (a resumed run continues the same streams)",
+)
+
+
+def main() -> None:
+    args = create_argparser().parse_args()
+    if not args.class_cond:
+        raise UserError("free_train.py trains a class-conditional model: leave --class_cond True")
+    if not 0.0 <= args.p_uncond <= 1.0:
+        raise UserError("--p_uncond must be a probability in [0, 1] (got %g)" % args.p_uncond)
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(
+        **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1
+    )
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = load_cifar10_or_folder(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=True,
+        seed=args.seed,
+    )
+    data = with_label_dropout(data, args.p_uncond, null_label=args.num_classes, seed=args.seed)
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        seed=args.seed,
+    ).run_loop()
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        data_dir="./data/cifar10",
+        schedule_sampler="uniform",
+        lr=2e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=128,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=100,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        p_uncond=0.1,
+        seed=0,
+    )
+    defaults.update(free_model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dict_to_argparser(parser, defaults)
+    set_flag_help(parser, FREE_FLAG_HELP)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,413 @@
+"""
+Image folders as an endless stream of training batches (the reference's load_data), without torch.
+
+Batches are **numpy arrays**: ``(float32 array (N, C, H, W) in [-1, 1], {"y": int64 array (N,)} when class_cond)``;
+the training loops turn them into Jittor Vars.
+
+Determinism (so that a resumed run sees exactly the batches an uninterrupted run would): the order of epoch ``e``
+is a permutation drawn from ``numpy.random.RandomState(seed + e)`` and the crop/flip of the sample at position
+``i`` of epoch ``e`` comes from its own ``random.Random`` seeded by (seed, e, i). Batch ``k`` therefore depends
+only on ``(seed, k)``, and ``BatchIterator.seek(k)`` jumps straight to it. Images are decoded by one background
+thread that keeps a couple of batches ready.
+"""
+
+import math
+import os
+import queue
+import random
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+
+Batch = Tuple[np.ndarray, Dict[str, np.ndarray]]
+
+
+def _shard_info() -> Tuple[int, int]:
+    """(rank, world size) from dist_util, or (0, 1) when it is unavailable."""
+    try:
+        from . import dist_util
+
+        return dist_util.get_rank(), dist_util.get_world_size()
+    except ImportError:
+        return 0, 1
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    class_cond: bool = False,
+    deterministic: bool = False,
+    random_crop: bool = False,
+    random_flip: bool = True,
+    seed: int = 0,
+) -> "BatchIterator":
+    """An endless iterator of (images, kwargs) batches from the images under data_dir, sharded by MPI rank.
+
+    :param class_cond: add kwargs["y"], the class index of the file-name prefix before the first "_".
+    :param deterministic: keep the sorted file order instead of shuffling every epoch.
+    :param seed: the seed of the shuffle and of the crops/flips (see the module docstring).
+    """
+    if not data_dir:
+        raise DataError("no data directory given: pass --data_dir path/to/images")
+    if not os.path.isdir(data_dir):
+        raise DataError("data directory %r does not exist: check --data_dir" % data_dir)
+    all_files = _list_image_files_recursively(data_dir)
+    if not all_files:
+        raise DataError(
+            "data directory %r contains no images (.jpg, .jpeg, .png or .gif, searched recursively): "
+            "check --data_dir" % data_dir
+        )
+    classes = None
+    if class_cond:
+        # Assume classes are the first part of the filename, before an underscore.
+        class_names = [os.path.basename(path).split("_")[0] for path in all_files]
+        sorted_classes = {x: i for i, x in enumerate(sorted(set(class_names)))}
+        classes = [sorted_classes[x] for x in class_names]
+    rank, world = _shard_info()
+    dataset = ImageDataset(
+        image_size,
+        all_files,
+        classes=classes,
+        shard=rank,
+        num_shards=world,
+        random_crop=random_crop,
+        random_flip=random_flip,
+    )
+    if len(dataset) < batch_size:
+        raise DataError(
+            "data directory %r has %d image(s) for this process, fewer than --batch_size %d: add images or "
+            "lower --batch_size" % (data_dir, len(dataset), batch_size)
+        )
+    return BatchIterator(dataset, batch_size, shuffle=not deterministic, seed=seed)
+
+
+def _list_image_files_recursively(data_dir: str) -> List[str]:
+    results = []
+    for entry in sorted(os.listdir(data_dir)):
+        full_path = os.path.join(data_dir, entry)
+        ext = entry.split(".")[-1]
+        if "." in entry and ext.lower() in IMAGE_EXTENSIONS:
+            results.append(full_path)
+        elif os.path.isdir(full_path):
+            results.extend(_list_image_files_recursively(full_path))
+    return results
+
+
+class ImageDataset:
+    """The images of one rank's shard (paths[shard::num_shards]) as CHW float32 arrays in [-1, 1]."""
+
+    def __init__(
+        self,
+        resolution: int,
+        image_paths: Sequence[str],
+        classes: Optional[Sequence[int]] = None,
+        shard: int = 0,
+        num_shards: int = 1,
+        random_crop: bool = False,
+        random_flip: bool = True,
+    ):
+        self.resolution = resolution
+        self.local_images = list(image_paths)[shard:][::num_shards]
+        self.local_classes = None if classes is None else list(classes)[shard:][::num_shards]
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.local_images)
+
+    def __getitem__(self, idx: int) -> Tuple[np.ndarray, Dict[str, Any]]:
+        return self.get(idx, random)
+
+    def get(self, idx: int, rng) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """Sample idx, with crops and flips drawn from `rng` (a random.Random or the `random` module)."""
+        path = self.local_images[idx]
+        try:
+            with Image.open(path) as pil_image:
+                pil_image.load()
+                pil_image = pil_image.convert("RGB")
+        except Exception as exc:  # PIL raises many types for bad files
+            raise DataError("cannot read image %r (%s): remove or replace the file" % (path, exc)) from None
+
+        if self.random_crop:
+            arr = random_crop_arr(pil_image, self.resolution, rng=rng)
+        else:
+            arr = center_crop_arr(pil_image, self.resolution)
+
+        if self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+
+        arr = arr.astype(np.float32) / 127.5 - 1
+
+        out_dict = {}
+        if self.local_classes is not None:
+            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
+        return np.transpose(arr, [2, 0, 1]), out_dict
+
+
+class ArrayDataset:
+    """In-memory uint8 NHWC images (e.g. CIFAR-10) served like ImageDataset, sharded by rank."""
+
+    def __init__(
+        self,
+        resolution: int,
+        images: np.ndarray,
+        labels: Optional[np.ndarray] = None,
+        shard: int = 0,
+        num_shards: int = 1,
+        random_flip: bool = True,
+    ):
+        self.resolution = resolution
+        self.images = images[shard:][::num_shards]
+        self.labels = None if labels is None else np.asarray(labels)[shard:][::num_shards]
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, idx: int, rng) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """Sample idx (centre-cropped/resized when the resolution differs), flipped by `rng`."""
+        arr = self.images[idx]
+        if arr.shape[0] != self.resolution or arr.shape[1] != self.resolution:
+            arr = center_crop_arr(Image.fromarray(arr), self.resolution)
+        if self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr.astype(np.float32) / 127.5 - 1
+        out_dict = {}
+        if self.labels is not None:
+            out_dict["y"] = np.array(self.labels[idx], dtype=np.int64)
+        return np.transpose(arr, [2, 0, 1]), out_dict
+
+
+class BatchIterator:
+    """Endless, seekable, deterministic batches of a dataset, decoded ahead by one background thread.
+
+    Batch k depends only on (seed, k); `seek(k)` (before iterating) makes k the next batch. `map(fn)` returns an
+    iterator whose batches are fn(images, kwargs, k), still seekable.
+    """
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, prefetch: int = 2):
+        if batch_size <= 0:
+            raise DataError("batch size must be positive (got %d): check --batch_size" % batch_size)
+        if len(dataset) < batch_size:
+            raise DataError("the dataset has %d samples, fewer than the batch size %d" % (len(dataset), batch_size))
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.prefetch = prefetch
+        self.batches_per_epoch = len(dataset) // batch_size  # drop_last, as the reference's DataLoader
+        self.position = 0  # index of the next batch returned by __next__
+        self._queue: Optional[queue.Queue] = None
+        self._stop: Optional[threading.Event] = None
+        self._thread: Optional[threading.Thread] = None
+        self._order_cache: Dict[int, np.ndarray] = {}
+
+    # -- deterministic content --------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        order = self._order_cache.get(epoch)
+        if order is None:
+            if self.shuffle:
+                order = np.random.RandomState((self.seed + epoch) % (2 ** 32)).permutation(len(self.dataset))
+            else:
+                order = np.arange(len(self.dataset))
+            self._order_cache = {epoch: order}
+        return order
+
+    def make_batch(self, k: int) -> Batch:
+        """Batch number k (0-based), computed from scratch."""
+        epoch, within = divmod(k, self.batches_per_epoch)
+        order = self._epoch_order(epoch)
+        samples = []
+        for j in range(within * self.batch_size, (within + 1) * self.batch_size):
+            rng = random.Random((self.seed * 1000003 + epoch) * 1000000007 + j)
+            samples.append(self.dataset.get(int(order[j]), rng))
+        images = np.stack([s[0] for s in samples]).astype(np.float32, copy=False)
+        cond = {}
+        for key in samples[0][1]:
+            cond[key] = np.stack([s[1][key] for s in samples])
+        return images, cond
+
+    # -- iteration -------------------------------------------------------------------------------------
+    def seek(self, k: int) -> None:
+        """Make batch k the next one returned (only before the first batch was taken)."""
+        if self._thread is not None:
+            raise RuntimeError("seek() must be called before iterating")
+        self.position = int(k)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    @staticmethod
+    def _worker(ref: "weakref.ref", start: int, q: "queue.Queue", stop: threading.Event) -> None:
+        # Holds the iterator only weakly, so that dropping the iterator ends the thread (see __del__).
+        k = start
+        while not stop.is_set():
+            it = ref()
+            if it is None:
+                return
+            try:
+                item = ("ok", it.make_batch(k))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                item = ("error", exc)
+            del it
+            while not stop.is_set():
+                if ref() is None:
+                    return
+                try:
+                    q.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] == "error":
+                return
+            k += 1
+
+    def __next__(self) -> Batch:
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=max(1, self.prefetch))
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=BatchIterator._worker, args=(weakref.ref(self), self.position, self._queue, self._stop),
+                daemon=True,
+            )
+            self._thread.start()
+        kind, value = self._queue.get()
+        if kind == "error":
+            self.close()
+            raise value
+        self.position += 1
+        return value
+
+    def close(self) -> None:
+        """Stop the background thread (a later next() starts a new one at the current position)."""
+        if self._stop is not None:
+            self._stop.set()
+        self._thread = self._queue = self._stop = None
+
+    def __del__(self):
+        try:
+            if self._stop is not None:
+                self._stop.set()
+        except Exception:
+            pass
+
+    def map(self, fn: Callable[[np.ndarray, Dict[str, np.ndarray], int], Batch]) -> "MappedBatchIterator":
+        """Batches transformed by fn(images, kwargs, batch_index) (deterministic transforms seed from the index)."""
+        return MappedBatchIterator(self, fn)
+
+
+class MappedBatchIterator:
+    """A BatchIterator whose batches pass through a function of (images, kwargs, batch index); seekable too."""
+
+    def __init__(self, base, fn: Callable[[np.ndarray, Dict[str, np.ndarray], int], Batch]):
+        self.base = base
+        self.fn = fn
+
+    @property
+    def position(self) -> int:
+        return self.base.position
+
+    def seek(self, k: int) -> None:
+        """Make batch k the next one returned (only before iterating)."""
+        self.base.seek(k)
+
+    def __iter__(self) -> "MappedBatchIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        k = self.base.position
+        images, cond = next(self.base)
+        return self.fn(images, cond, k)
+
+    def map(self, fn) -> "MappedBatchIterator":
+        """Chain another transform."""
+        return MappedBatchIterator(self, fn)
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        self.base.close()
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize so the short side is image_size (BOX halving, then BICUBIC) and take the centre square (HWC uint8)."""
+    # We are not on a new enough PIL to support the `reducing_gap`
+    # argument, which uses BOX downsampling at powers of two first.
+    # Thus, we do it by hand to improve downsample quality.
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8,
+                    max_crop_frac: float = 1.0, rng=random) -> np.ndarray:
+    """Resize the short side to a random size in [image_size/max_frac, image_size/min_frac], then crop randomly."""
+    min_smaller_dim_size = math.ceil(image_size / max_crop_frac)
+    max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
+    smaller_dim_size = rng.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
+
+    # We are not on a new enough PIL to support the `reducing_gap`
+    # argument, which uses BOX downsampling at powers of two first.
+    # Thus, we do it by hand to improve downsample quality.
+    while min(*pil_image.size) >= 2 * smaller_dim_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+
+    scale = smaller_dim_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+
+    arr = np.array(pil_image)
+    crop_y = rng.randrange(arr.shape[0] - image_size + 1)
+    crop_x = rng.randrange(arr.shape[1] - image_size + 1)
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Area interpolation of NCHW images to size x size (torch's F.interpolate(mode="area") = adaptive avg pool)."""
+    n, c, h, w = images.shape
+    if h % size == 0 and w % size == 0:
+        fh, fw = h // size, w // size
+        return images.reshape(n, c, size, fh, size, fw).mean(axis=(3, 5), dtype=np.float64).astype(images.dtype)
+    out = np.empty((n, c, size, size), dtype=images.dtype)
+    for i in range(size):
+        y0, y1 = (i * h) // size, -((-(i + 1) * h) // size)
+        for j in range(size):
+            x0, x1 = (j * w) // size, -((-(j + 1) * w) // size)
+            out[:, :, i, j] = images[:, :, y0:y1, x0:x1].mean(axis=(2, 3))
+    return out
+
+
+def with_label_dropout(data, p_uncond: float, null_label: int, seed: int = 0):
+    """Replace each label by null_label with probability p_uncond (classifier-free guidance training).
+
+    The drop mask of batch k comes from RandomState(seed, k), so it is the same after a resume.
+    """
+
+    def drop(images, cond, k):
+        if "y" not in cond:
+            raise DataError("classifier-free training needs class labels, but the data has none")
+        y = cond["y"].copy()
+        if y.size and (int(y.max()) >= null_label or int(y.min()) < 0):
+            raise DataError("the data has class label %d but the model has %d classes: raise --num_classes"
+                            % (int(y.max()), null_label))
+        mask = np.random.RandomState([seed % (2 ** 32), k % (2 ** 32), 7]).random_sample(y.shape) < p_uncond
+        y[mask] = null_label
+        cond = dict(cond)
+        cond["y"] = y
+        return images, cond
+
+    return data.map(drop)

@@ -1,0 +1,645 @@
+"""
+The diffusion training loop (the reference's TrainLoop): microbatches, EMA, fp16 loss scaling, AdamW, logging,
+checkpoints and exact resumption.
+
+Differences from the reference, on purpose:
+
+* Checkpoint numbers count the optimizer steps a file holds: ``model000100.pt`` is the state after 100 updates.
+  Saves happen when that count is a multiple of ``save_interval`` (and at the end), never at step 0, so a resumed
+  run never overwrites the checkpoint it resumed from (the reference rewrites it with post-step weights).
+* Exact resumption. Every step ``g`` (counted across resumes) reseeds Python, numpy and Jittor from
+  ``(seed, g)`` before drawing timesteps and noise, and the data iterator is moved to batch ``g``
+  (image_datasets.BatchIterator.seek). Model, every EMA and the AdamW state (moments, step count, learning rate)
+  are restored from the checkpoint files, so a resumed run continues exactly like an uninterrupted one.
+* Optimizer files (``opt%06d.pt``) hold a torch-style AdamW state dict ({"state": {i: {"step", "exp_avg",
+  "exp_avg_sq"}}, "param_groups": [...]}).
+"""
+
+import functools
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import jittor as jt
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint, dist_util, logger
+from .errors import CheckpointError
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+# For ImageNet experiments, this was a good default value.
+# We found that the lg_loss_scale quickly climbed to
+# 20-21 within the first ~1K steps of training.
+INITIAL_LOG_LOSS_SCALE = 20.0
+
+
+class AdamW(jt.optim.AdamW):
+    """Jittor's AdamW (decoupled weight decay, as torch's) stepped once per call with explicit gradients, with a
+    torch-style state dict so that optimizer checkpoints restore exactly."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(list(params), lr, eps=eps, betas=tuple(betas), weight_decay=weight_decay)
+        for pg in self.param_groups:
+            pg.setdefault("lr", lr)
+
+    def step_with_grads(self, params: Sequence[jt.Var], grads: Sequence[jt.Var]) -> None:
+        """One AdamW update with the given gradients (aligned with params)."""
+        by_id = {id(p): g for p, g in zip(params, grads)}
+        for pg in self.param_groups:
+            pg["grads"] = [by_id[id(p)] if id(p) in by_id else jt.zeros_like(p) for p in pg["params"]]
+        self.n_step += 1  # the bias-correction step count (Jittor counts backward() calls instead)
+        jt.optim.AdamW.step(self)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """{"state": per-parameter moments and step, "param_groups": hyper-parameters}, as torch's AdamW."""
+        state: Dict[int, Dict[str, Any]] = {}
+        groups = []
+        index = 0
+        for pg in self.param_groups:
+            ids = []
+            for p, m, v in zip(pg["params"], pg["m"], pg["values"]):
+                if self.n_step > 0:
+                    state[index] = {
+                        "step": np.array(float(self.n_step), dtype=np.float32),
+                        "exp_avg": np.array(m.numpy(), copy=True),
+                        "exp_avg_sq": np.array(v.numpy(), copy=True),
+                    }
+                ids.append(index)
+                index += 1
+            groups.append({
+                "lr": float(pg.get("lr", self.lr)),
+                "betas": tuple(float(b) for b in pg.get("betas", self.betas)),
+                "eps": float(pg.get("eps", self.eps)),
+                "weight_decay": float(pg.get("weight_decay", self.weight_decay)),
+                "amsgrad": False,
+                "maximize": False,
+                "foreach": None,
+                "capturable": False,
+                "differentiable": False,
+                "fused": None,
+                "params": ids,
+            })
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], source: str = "optimizer checkpoint") -> None:
+        """Restore moments, step count and hyper-parameters; a layout that does not fit raises CheckpointError."""
+        try:
+            groups = list(state_dict["param_groups"])
+            state = state_dict["state"]
+        except (KeyError, TypeError):
+            raise CheckpointError("%s is not an AdamW state dict: delete it or resume without it" % source)
+        if len(groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(pg["params"]) for g, pg in zip(groups, self.param_groups)
+        ):
+            raise CheckpointError(
+                "%s has %s parameters, the optimizer %s: it belongs to another model (or to a run with another "
+                "--use_fp16 setting, whose optimizer holds flattened parameters)"
+                % (source, [len(g["params"]) for g in groups], [len(pg["params"]) for pg in self.param_groups])
+            )
+        n_step = 0
+        for g, pg in zip(groups, self.param_groups):
+            for i, (key, p) in enumerate(zip(g["params"], pg["params"])):
+                s = state.get(key, state.get(str(key)))
+                if s is None:
+                    continue
+                m, v = np.asarray(s["exp_avg"]), np.asarray(s["exp_avg_sq"])
+                if tuple(m.shape) != tuple(p.shape) or tuple(v.shape) != tuple(p.shape):
+                    raise CheckpointError("%s: state of parameter %d has shape %s, the parameter %s: it belongs "
+                                          "to another model" % (source, key, m.shape, tuple(p.shape)))
+                pg["m"][i] = jt.array(m.astype(np.float32)).stop_grad()
+                pg["values"][i] = jt.array(v.astype(np.float32)).stop_grad()
+                n_step = int(round(float(np.asarray(s["step"]).reshape(-1)[0])))
+            for k in ("lr", "eps", "weight_decay"):
+                if k in g:
+                    pg[k] = float(g[k])
+            if "betas" in g:
+                pg["betas"] = tuple(float(b) for b in g["betas"])
+        self.n_step = n_step
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, jt.Var) else np.asarray(x)
+
+
+def _to_var(x, dtype: Optional[str] = None) -> jt.Var:
+    v = x if isinstance(x, jt.Var) else jt.array(np.asarray(x))
+    return v.cast(dtype) if dtype is not None and v.dtype != dtype else v
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of training step `step` (jt.set_global_seed adds an offset per MPI rank)."""
+    return (int(seed) * 1000003 + int(step) * 7919 + 17) % (2 ** 31 - 1)
+
+
+def seed_training_step(seed: int, step: int) -> None:
+    """Seed Python, numpy and Jittor for training step `step`, so its draws do not depend on earlier steps.
+
+    Jittor draws random numbers when an op executes, not when it is created, so pending work (e.g. the random
+    initialisation of a model whose weights were then loaded) is executed first.
+    """
+    jt.sync_all()
+    jt.set_global_seed(step_seed(seed, step))
+
+
+def parse_ema_rates(ema_rate: Union[float, str, Sequence[float]]) -> List[float]:
+    """ "0.9999,0.999" -> [0.9999, 0.999] (a float becomes a one-element list)."""
+    if isinstance(ema_rate, (float, int)):
+        return [float(ema_rate)]
+    if isinstance(ema_rate, str):
+        return [float(x) for x in ema_rate.split(",") if x.strip()]
+    return [float(x) for x in ema_rate]
+
+
+def batch_to_vars(batch, cond: Mapping[str, Any]):
+    """Numpy batches from the data loaders as Jittor Vars (labels become int32)."""
+    return _to_var(batch, "float32"), {k: _to_var(v) for k, v in cond.items()}
+
+
+class TrainLoop:
+    """Trains a diffusion model: see the module docstring for checkpoints and resumption."""
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        ema_rate,
+        log_interval: int,
+        save_interval: int,
+        resume_checkpoint: str,
+        use_fp16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler=None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.seed = seed
+
+        self.step = 0
+        self.resume_step = 0
+        self.global_batch = self.batch_size * dist_util.get_world_size()
+
+        self._load_and_sync_parameters()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model,
+            use_fp16=self.use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+        )
+
+        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.resume_step:
+            self._load_optimizer_state()
+            # Model was resumed, either due to a restart or a checkpoint being specified at the command line.
+            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+            if hasattr(self.data, "seek"):
+                self.data.seek(self.resume_step)
+        else:
+            self.ema_params = [self._copy_params(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))]
+
+        self.ddp_model = self.model  # Jittor averages gradients over MPI ranks itself (see MixedPrecisionTrainer)
+
+    @staticmethod
+    def _copy_params(params: Sequence[jt.Var]) -> List[jt.Var]:
+        return [jt.array(np.array(p.numpy(), copy=True)).stop_grad() for p in params]
+
+    def _load_and_sync_parameters(self) -> None:
+        resume_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
+        if resume_checkpoint:
+            if not os.path.isfile(resume_checkpoint):
+                raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
+                                      "written by a previous run" % resume_checkpoint)
+            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
+            checkpoint.load_state_dict_strict(
+                self.model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()),
+                source=resume_checkpoint,
+            )
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate: float) -> List[jt.Var]:
+        ema_params = self._copy_params(self.mp_trainer.master_params)
+        main_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
+        ema_checkpoint = find_ema_checkpoint(main_checkpoint, self.resume_step, rate)
+        if ema_checkpoint:
+            logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
+            state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
+            ema_params = [p.stop_grad() for p in
+                          self.mp_trainer.state_dict_to_master_params(state_dict, source=ema_checkpoint)]
+        else:
+            logger.log(f"no EMA checkpoint for rate {rate} beside {main_checkpoint}: starting the EMA from the model")
+        dist_util.sync_params(ema_params)
+        return ema_params
+
+    def _load_optimizer_state(self) -> None:
+        main_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
+        opt_checkpoint = os.path.join(os.path.dirname(main_checkpoint), f"opt{self.resume_step:06}.pt")
+        if os.path.exists(opt_checkpoint):
+            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
+            self.opt.load_state_dict(state_dict, source=opt_checkpoint)
+        else:
+            logger.log(f"no optimizer state {opt_checkpoint}: starting AdamW afresh")
+
+    def run_loop(self) -> None:
+        """Train until lr_anneal_steps (forever when 0), logging and saving at the configured intervals."""
+        progress = tqdm(total=self.lr_anneal_steps or None, initial=self.resume_step, desc="training",
+                        unit="step", disable=not dist_util.is_main_process(), dynamic_ncols=True)
+        while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            progress.update(1)
+            if (self.step + self.resume_step) % self.log_interval == 0:
+                logger.dumpkvs()
+            self.step += 1
+            if (self.step + self.resume_step) % self.save_interval == 0:
+                self.save()
+                # Run for a finite amount of time in integration tests.
+                if os.environ.get("DIFFUSION_TRAINING_TEST", "") and self.step > 0:
+                    progress.close()
+                    return
+        progress.close()
+        # Save the last checkpoint if it wasn't already saved.
+        if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
+            self.save()
+
+    def run_step(self, batch, cond) -> None:
+        """One optimizer step on a batch (numpy or Vars), seeded from the global step number."""
+        seed_training_step(self.seed, self.step + self.resume_step)
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self._anneal_lr()
+        self.log_step()
+        jt.sync(self._state_vars())
+
+    def _state_vars(self) -> List[jt.Var]:
+        out = list(self.mp_trainer.master_params) + list(self.mp_trainer.model_params)
+        for params in self.ema_params:
+            out.extend(params)
+        for pg in self.opt.param_groups:
+            out.extend(pg["m"])
+            out.extend(pg["values"])
+        return out
+
+    def forward_backward(self, batch, cond) -> None:
+        """Accumulate the gradients of the weighted diffusion loss over the microbatches of a batch."""
+        self.mp_trainer.zero_grad()
+        batch = _to_numpy(batch) if not isinstance(batch, jt.Var) else batch
+        n = batch.shape[0]
+        for i in range(0, n, self.microbatch):
+            micro, micro_cond = batch_to_vars(batch[i: i + self.microbatch],
+                                              {k: v[i: i + self.microbatch] for k, v in cond.items()})
+            micro_n = micro.shape[0]
+            t, weights = self.schedule_sampler.sample(micro_n, dist_util.dev())
+            t = _to_var(t, "int32")
+            weights = _to_var(weights, "float32")
+
+            compute_losses = functools.partial(
+                self.diffusion.training_losses,
+                self.ddp_model,
+                micro,
+                t,
+                model_kwargs=micro_cond,
+            )
+            losses = compute_losses()
+
+            loss = (losses["loss"] * weights).mean()
+            weighted = {k: v * weights for k, v in losses.items()}
+            self.mp_trainer.backward(loss)
+
+            jt.sync([losses["loss"]] + list(weighted.values()))
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+            log_loss_dict(self.diffusion, t, weighted)
+
+    def _update_ema(self) -> None:
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self) -> None:
+        if not self.lr_anneal_steps:
+            return
+        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
+        lr = self.lr * (1 - frac_done)
+        for param_group in self.opt.param_groups:
+            param_group["lr"] = lr
+
+    def log_step(self) -> None:
+        logger.logkv("step", self.step + self.resume_step)
+        logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+
+    def save(self) -> None:
+        """Write ema_<rate>_N.pt, optN.pt and modelN.pt (N = optimizer steps done) into the log dir (rank 0)."""
+        step = self.step + self.resume_step
+        if dist_util.is_main_process():
+            # Numpy copies first (Jittor ops run on every rank), then the files; the model file comes last so
+            # that its presence means the EMA and optimizer files of that step are complete too.
+            files = []
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                files.append((f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params)))
+            files.append((f"opt{step:06d}.pt", self.opt.state_dict()))
+            files.append((f"model{step:06d}.pt",
+                          self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)))
+            for filename, obj in files:
+                logger.log(f"saving {filename}...")
+                checkpoint.save_file(obj, os.path.join(get_blob_logdir(), filename))
+        dist_util.barrier()
+
+
+class ClassifierTrainLoop:
+    """Trains a (noise-aware) classifier as the reference's classifier_train.py: cross-entropy on q_sample(x, t)
+    inputs (plain inputs when noised is False), optional lr annealing, validation, top-1/top-5 logs, model + opt
+    checkpoints (numbered by optimizer steps done, like TrainLoop) and exact resumption."""
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        val_data=None,
+        batch_size: int,
+        microbatch: int = -1,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        anneal_lr: bool = False,
+        iterations: int = 150000,
+        noised: bool = True,
+        schedule_sampler=None,
+        resume_checkpoint: str = "",
+        log_interval: int = 10,
+        eval_interval: int = 5,
+        save_interval: int = 10000,
+        use_fp16: bool = False,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.val_data = val_data
+        self.batch_size = batch_size
+        self.microbatch = microbatch
+        self.lr = lr
+        self.anneal_lr = anneal_lr
+        self.iterations = iterations
+        self.noised = noised
+        self.schedule_sampler = schedule_sampler or (UniformSampler(diffusion) if noised else None)
+        self.log_interval = log_interval
+        self.eval_interval = eval_interval
+        self.save_interval = save_interval
+        self.seed = seed
+
+        self.resume_step = 0
+        if resume_checkpoint:
+            if not os.path.isfile(resume_checkpoint):
+                raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
+                                      "written by a previous run" % resume_checkpoint)
+            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {resume_checkpoint}... at {self.resume_step} step")
+            checkpoint.load_state_dict_strict(
+                self.model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()),
+                source=resume_checkpoint,
+            )
+        dist_util.sync_params(self.model.parameters())
+
+        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, initial_lg_loss_scale=16.0)
+        self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        if self.resume_step:
+            opt_checkpoint = os.path.join(os.path.dirname(resume_checkpoint), f"opt{self.resume_step:06}.pt")
+            if not os.path.isfile(opt_checkpoint):
+                raise CheckpointError("optimizer state %s (written with %s) is missing: put it beside the model "
+                                      "checkpoint" % (opt_checkpoint, os.path.basename(resume_checkpoint)))
+            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+            self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev()),
+                                     source=opt_checkpoint)
+            if hasattr(self.data, "seek"):
+                self.data.seek(self.resume_step)
+            if self.val_data is not None and hasattr(self.val_data, "seek"):
+                self.val_data.seek(-(-self.resume_step // self.eval_interval))
+
+    def forward_backward_log(self, data_loader, prefix: str = "train") -> None:
+        """Loss and top-1/top-5 accuracy of one batch, logged per quartile; gradients only for "train"."""
+        batch, extra = next(data_loader)
+        batch, extra = batch_to_vars(batch, extra)
+        labels = extra["y"]
+        if self.noised:
+            t, _ = self.schedule_sampler.sample(batch.shape[0], dist_util.dev())
+            t = _to_var(t, "int32")
+            batch = self.diffusion.q_sample(batch, t)
+        else:
+            t = jt.zeros(batch.shape[0], "int32")
+
+        for i, (sub_batch, sub_labels, sub_t) in enumerate(
+            split_microbatches(self.microbatch, batch, labels, t)
+        ):
+            logits = self.model(sub_batch, timesteps=sub_t)
+            loss = cross_entropy(logits, sub_labels)
+            if prefix == "train":
+                if i == 0:
+                    self.mp_trainer.zero_grad()
+                self.mp_trainer.backward(loss.mean() * (sub_batch.shape[0] / batch.shape[0]))
+            logits_np = logits.numpy()
+            labels_np = sub_labels.numpy()
+            losses = {
+                f"{prefix}_loss": loss.numpy(),
+                f"{prefix}_acc@1": compute_top_k(logits_np, labels_np, k=1, reduction="none"),
+                f"{prefix}_acc@5": compute_top_k(logits_np, labels_np, k=5, reduction="none"),
+            }
+            log_loss_dict(self.diffusion, sub_t, losses)
+
+    def run_loop(self) -> None:
+        """Train for `iterations` optimizer steps in total (counting the resumed ones)."""
+        step = self.resume_step
+        progress = tqdm(total=self.iterations, initial=step, desc="training classifier", unit="step",
+                        disable=not dist_util.is_main_process(), dynamic_ncols=True)
+        while step < self.iterations:
+            seed_training_step(self.seed, step)
+            logger.logkv("step", step)
+            logger.logkv("samples", (step + 1) * self.batch_size * dist_util.get_world_size())
+            if self.anneal_lr:
+                set_annealed_lr(self.opt, self.lr, step / self.iterations)
+            self.forward_backward_log(self.data)
+            self.mp_trainer.optimize(self.opt)
+            if self.val_data is not None and step % self.eval_interval == 0:
+                with jt.no_grad():
+                    self.model.eval()
+                    self.forward_backward_log(self.val_data, prefix="val")
+                    self.model.train()
+            if step % self.log_interval == 0:
+                logger.dumpkvs()
+            jt.sync(list(self.mp_trainer.master_params) + [v for pg in self.opt.param_groups
+                                                            for v in pg["m"] + pg["values"]])
+            step += 1
+            progress.update(1)
+            if step % self.save_interval == 0 or step == self.iterations:
+                self.save(step)
+        progress.close()
+
+    def save(self, step: int) -> None:
+        """Write optNNNNNN.pt then modelNNNNNN.pt (rank 0)."""
+        if dist_util.is_main_process():
+            opt_state = self.opt.state_dict()
+            model_state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+            logger.log("saving model...")
+            checkpoint.save_file(opt_state, os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
+            checkpoint.save_file(model_state, os.path.join(logger.get_dir(), f"model{step:06d}.pt"))
+        dist_util.barrier()
+
+
+def set_annealed_lr(opt, base_lr: float, frac_done: float) -> None:
+    """Linearly decay the learning rate of every parameter group to 0 at frac_done = 1."""
+    lr = base_lr * (1 - frac_done)
+    for param_group in opt.param_groups:
+        param_group["lr"] = lr
+
+
+def cross_entropy(logits: jt.Var, labels: jt.Var) -> jt.Var:
+    """Per-sample cross-entropy (torch's F.cross_entropy with reduction="none")."""
+    logits = logits.float32()
+    m = logits.max(dim=-1, keepdims=True)
+    logp = logits - m - jt.log(jt.exp(logits - m).sum(dim=-1, keepdims=True))
+    onehot = jt.nn.one_hot(labels.int32(), logits.shape[-1]).float32()
+    return -(logp * onehot).sum(dim=-1)
+
+
+def compute_top_k(logits, labels, k: int, reduction: str = "mean"):
+    """1.0 where the label is among the k largest logits (numpy), averaged unless reduction="none"."""
+    logits = _to_numpy(logits)
+    labels = _to_numpy(labels).reshape(-1)
+    k = min(k, logits.shape[-1])
+    top_ks = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    hits = (top_ks == labels[:, None]).any(axis=-1).astype(np.float32)
+    if reduction == "mean":
+        return float(hits.mean())
+    elif reduction == "none":
+        return hits
+    raise ValueError("reduction must be mean or none")
+
+
+def split_microbatches(microbatch: int, *args):
+    """Yield aligned slices of the arrays in args, microbatch at a time (all of them when microbatch is -1)."""
+    bs = args[0].shape[0]
+    if microbatch == -1 or microbatch >= bs:
+        yield tuple(args)
+    else:
+        for i in range(0, bs, microbatch):
+            yield tuple(x[i: i + microbatch] if x is not None else None for x in args)
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the checkpoint's number of steps."""
+    split = filename.split("model")
+    if len(split) < 2:
+        return 0
+    split1 = split[-1].split(".")[0]
+    try:
+        return int(split1)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir() -> str:
+    """Where checkpoints are written: the logger's directory."""
+    # You can change this to be a separate path to save checkpoints to
+    # a blobstore or some external drive.
+    return logger.get_dir()
+
+
+def find_resume_checkpoint() -> Optional[str]:
+    """Hook for automatic resumption on an infrastructure that keeps checkpoints elsewhere (none here)."""
+    # On your infrastructure, you may want to override this to automatically
+    # discover the latest checkpoint on your blob storage, etc.
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
+    """The ema_<rate>_<step>.pt beside main_checkpoint, if it exists."""
+    if main_checkpoint is None:
+        return None
+    filename = f"ema_{rate}_{(step):06d}.pt"
+    path = os.path.join(os.path.dirname(main_checkpoint), filename)
+    if os.path.exists(path):
+        return path
+    return None
+
+
+def log_loss_dict(diffusion, ts, losses: Mapping[str, Any]) -> None:
+    """logkv_mean every loss term, overall and per quarter of the diffusion process (key_q0 .. key_q3)."""
+    ts = _to_numpy(ts).reshape(-1)
+    for key, values in losses.items():
+        values = _to_numpy(values).reshape(-1)
+        logger.logkv_mean(key, float(values.mean()))
+        # Log the quantiles (four quartiles, in particular).
+        for sub_t, sub_loss in zip(ts, values):
+            quartile = int(4 * int(sub_t) / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", float(sub_loss))
+
+
+def set_flag_help(parser, helps: Mapping[str, str]) -> None:
+    """Attach --help text to flags added by script_util.add_dict_to_argparser (which adds none)."""
+    for action in parser._actions:
+        if action.dest in helps:
+            default = action.default
+            action.help = "%s (default: %r)" % (helps[action.dest], default)
+
+
+TRAIN_FLAG_HELP = {
+    "data_dir": "folder of training images (searched recursively; class = file-name prefix before '_')",
+    "schedule_sampler": "how training timesteps are drawn: uniform or loss-second-moment",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW decoupled weight decay (applies to every parameter)",
+    "lr_anneal_steps": "train this many steps with the learning rate decaying linearly to 0 (0: forever, constant)",
+    "batch_size": "images per step per MPI rank",
+    "microbatch": "split each batch into chunks of this size (gradients are summed); -1: no split",
+    "ema_rate": "comma-separated EMA rates; each writes ema_<rate>_NNNNNN.pt",
+    "log_interval": "dump the logged values every this many steps",
+    "save_interval": "write model/ema/opt checkpoints every this many steps",
+    "resume_checkpoint": "modelNNNNNN.pt to resume from (its EMA and opt files beside it are used too)",
+    "use_fp16": "mixed precision with dynamic loss scaling (CUDA only; on the CPU the model stays float32)",
+    "fp16_scale_growth": "log2 loss-scale growth per successful fp16 step",
+    "image_size": "training image size (images are resized and centre-cropped)",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per resolution",
+    "num_heads": "attention heads (when num_head_channels is -1)",
+    "num_heads_upsample": "attention heads in the decoder (-1: same as num_heads)",
+    "num_head_channels": "channels per attention head (-1: use num_heads)",
+    "attention_resolutions": "comma-separated downsampling rates (image_size / resolution) with attention",
+    "channel_mult": "comma-separated channel multipliers per resolution ('': by image size)",
+    "dropout": "dropout rate in the residual blocks",
+    "class_cond": "class-conditional model (labels from file names)",
+    "use_checkpoint": "gradient checkpointing: recompute activations in the backward pass to save memory",
+    "use_scale_shift_norm": "FiLM-like conditioning of the residual blocks on the timestep",
+    "resblock_updown": "residual blocks for up/downsampling",
+    "use_new_attention_order": "split qkv before heads (the 'new' attention order)",
+    "learn_sigma": "also learn the variance (6 output channels)",
+    "diffusion_steps": "number of diffusion steps T",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "respacing of the diffusion steps (usually '' for training)",
+    "use_kl": "train with the variational bound (KL) loss",
+    "predict_xstart": "predict x_0 instead of the noise",
+    "rescale_timesteps": "feed timesteps scaled to 0..1000 to the model",
+    "rescale_learned_sigmas": "use the hybrid loss with the rescaled vb term",
+}

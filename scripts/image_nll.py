@@ -1,0 +1,55 @@
+"""
+Approximate the bits/dimension for an image model.
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger, sampling
+from guided_diffusion.errors import run_cli
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+
+
+def main():
+    args = create_argparser().parse_args()
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    logger.log("creating model and diffusion...")
+    # Like the reference, the model is evaluated without the fp16 conversion (use_fp16 is not applied).
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, model_and_diffusion_defaults().keys(), model_path=args.model_path, use_fp16=False
+    )
+
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        deterministic=True,
+        seed=args.seed,
+    )
+    sampling.seed_batch(args.seed, 0)
+
+    logger.log("evaluating...")
+    sampling.run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised)
+    logger.log("evaluation complete")
+
+
+def create_argparser():
+    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="", seed=0)
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    sampling.document_flags(parser, {
+        "num_samples": "number of dataset images to evaluate (rounded up to whole batches)",
+        "batch_size": "images per batch (per MPI rank)",
+        "seed": "seed of the noise drawn at every timestep (the reference does not seed)",
+    })
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

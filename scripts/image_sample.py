@@ -1,0 +1,59 @@
+"""
+Generate a large batch of image samples from a model and save them as a large numpy array. This can be used to
+produce samples for FID evaluation.
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger, sampling
+from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.script_util import NUM_CLASSES, add_dict_to_argparser, model_and_diffusion_defaults
+
+
+def main():
+    args = create_argparser().parse_args()
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    fixed = sampling.parse_class_labels(args.class_labels, NUM_CLASSES)
+    if fixed and not args.class_cond:
+        raise UserError("--class_labels needs a class-conditional model: add --class_cond True")
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, model_and_diffusion_defaults().keys(), model_path=args.model_path
+    )
+
+    logger.log("sampling...")
+    sample_batch = sampling.make_diffusion_sampler(
+        diffusion, model, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
+        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised,
+        num_classes=NUM_CLASSES if args.class_cond else None, fixed_labels=fixed,
+    )
+    sampling.generate_samples(
+        sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
+        image_shape=(args.image_size, args.image_size, 3), run_config=sampling.sampling_run_config(args),
+    )
+    logger.log("sampling complete")
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        seed=0,
+        class_labels="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    sampling.document_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

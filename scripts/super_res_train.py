@@ -1,0 +1,112 @@
+"""
+Train a super-resolution model (low_res = the training image area-downsampled to --small_size).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.errors import run_cli  # noqa: E402
+from guided_diffusion.image_datasets import area_downsample, load_data  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    args_to_dict,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import TRAIN_FLAG_HELP, TrainLoop, set_flag_help  # noqa: E402
+
+SR_FLAG_HELP = dict(
+    TRAIN_FLAG_HELP,
+    large_size="output (training image) size",
+    small_size="size of the low-resolution conditioning image",
+)
+
+
+def main() -> None:
+    args = create_argparser().parse_args()
+
+    dist_util.setup_dist()
+    logger.configure()
+
+    logger.log("creating model...")
+    model, diffusion = sr_create_model_and_diffusion(
+        **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+    )
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = load_superres_data(
+        args.data_dir,
+        args.batch_size,
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+    ).run_loop()
+
+
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+    """Training batches of large_size images with model_kwargs["low_res"] (area-downsampled to small_size)."""
+    data = load_data(
+        data_dir=data_dir,
+        batch_size=batch_size,
+        image_size=large_size,
+        class_cond=class_cond,
+    )
+
+    def add_low_res(large_batch, model_kwargs, _index):
+        model_kwargs = dict(model_kwargs)
+        model_kwargs["low_res"] = area_downsample(large_batch, small_size)
+        return large_batch, model_kwargs
+
+    return data.map(add_low_res)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(sr_model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dict_to_argparser(parser, defaults)
+    set_flag_help(parser, SR_FLAG_HELP)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main)

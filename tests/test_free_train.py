@@ -1,0 +1,44 @@
+"""End-to-end tests of free_train.py (subprocess) on tiny CIFAR-format batches."""
+
+import os
+
+
+from guided_diffusion.checkpoint import load_file
+from test_cifar10 import write_cifar_batches
+from test_image_train import run_script
+
+TINY = ["--image_size", "32", "--num_channels", "16", "--num_res_blocks", "1", "--channel_mult", "1,2",
+        "--attention_resolutions", "16", "--num_heads", "1", "--diffusion_steps", "50"]
+
+
+def test_free_train_trains_on_cifar_batches_with_a_null_label_row(tmp_path):
+    write_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py", n_per_batch=2)
+    proc = run_script(["--data_dir", tmp_path / "cifar", "--batch_size", "4", "--lr_anneal_steps", "2",
+                       "--save_interval", "1", "--log_interval", "1", "--p_uncond", "0.5"] + TINY,
+                      tmp_path / "log", script="free_train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sd = load_file(str(tmp_path / "log" / "model000002.pt"))
+    assert sd["label_emb.weight"].shape == (11, 64)  # 10 classes + the null label
+    assert "ema_0.9999_000002.pt" in os.listdir(tmp_path / "log")
+    assert "| loss " in (tmp_path / "log" / "log.txt").read_text()
+
+
+def test_free_train_honours_num_classes_with_an_image_folder(tmp_path):
+    from test_image_train import make_images
+
+    data = make_images(tmp_path / "imgs", n=4)  # classes c0, c1
+    proc = run_script(["--data_dir", data, "--batch_size", "2", "--lr_anneal_steps", "1", "--num_classes", "2"]
+                      + TINY, tmp_path / "log", script="free_train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_file(str(tmp_path / "log" / "model000001.pt"))["label_emb.weight"].shape == (3, 64)
+    bad = run_script(["--data_dir", data, "--batch_size", "2", "--lr_anneal_steps", "1", "--class_cond", "False"]
+                     + TINY, tmp_path / "log2", script="free_train.py")
+    assert bad.returncode == 2 and "class_cond" in bad.stderr
+
+
+def test_free_train_defaults_are_a_cifar10_setup(tmp_path):
+    proc = run_script(["--help"], tmp_path / "log", script="free_train.py")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "./data/cifar10" in text and "--p_uncond" in text and "default: 0.1)" in text
+    assert "--num_classes" in text and "default: 10)" in text

@@ -1,0 +1,33 @@
+"""End-to-end tests of scripts/super_res_train.py (subprocess): a few steps, then an exact resume."""
+
+import os
+
+import numpy as np
+
+from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
+from test_image_train import make_images, run_script
+
+TINY = ["--large_size", "64", "--small_size", "32", "--num_channels", "16", "--num_res_blocks", "1",
+        "--attention_resolutions", "8", "--diffusion_steps", "50"]
+
+
+def test_super_res_train_trains_and_resumes_exactly(tmp_path):
+    data = make_images(tmp_path / "imgs", n=2)
+    common = ["--data_dir", data, "--batch_size", "2", "--lr_anneal_steps", "2", "--save_interval", "1",
+              "--log_interval", "1"] + TINY
+    first = run_script(common, tmp_path / "a", script="scripts/super_res_train.py")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script(common + ["--resume_checkpoint", tmp_path / "a" / "model000001.pt"], tmp_path / "b",
+                        script="scripts/super_res_train.py")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(f for f in os.listdir(tmp_path / "b") if f.endswith(".pt")) == [
+        "ema_0.9999_000002.pt", "model000002.pt", "opt000002.pt"]
+    a, b = load_file(str(tmp_path / "a" / "model000002.pt")), load_file(str(tmp_path / "b" / "model000002.pt"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    flags = sr_model_and_diffusion_defaults()
+    flags.update(large_size=64, small_size=32, num_channels=16, num_res_blocks=1, attention_resolutions="8",
+                 diffusion_steps=50)
+    model, _ = sr_create_model_and_diffusion(**flags)
+    load_state_dict_strict(model, b)
