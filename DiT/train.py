@@ -93,13 +93,17 @@ def main() -> None:
 
     model.train()  # important! This enables embedding dropout for classifier-free guidance
     ema.eval()  # EMA model should always be in eval mode
-    total_steps = args.epochs * loader.batches_per_epoch
+    # Shards differ by one image when the dataset does not split evenly: every rank must run the same number of
+    # steps (each step all-reduces gradients), so an epoch is the smallest shard's number of batches.
+    steps_per_epoch = int(min(int(n[0]) for n in dist_util.all_gather_array(
+        np.array([loader.batches_per_epoch], dtype=np.int64))))
+    total_steps = args.epochs * steps_per_epoch
     loader.seek(train_steps)
     log_steps, running_loss, start_time, logged_epoch = 0, 0.0, time(), -1
     logger.info("Training for %d epochs..." % args.epochs)
     while train_steps < total_steps:
-        if train_steps // loader.batches_per_epoch != logged_epoch:
-            logged_epoch = train_steps // loader.batches_per_epoch
+        if train_steps // steps_per_epoch != logged_epoch:
+            logged_epoch = train_steps // steps_per_epoch
             logger.info("Beginning epoch %d..." % logged_epoch)
         images, cond = next(loader)
         jt.set_global_seed(step_seed(args.global_seed, train_steps))

@@ -394,8 +394,11 @@ def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
 def with_label_dropout(data, p_uncond: float, null_label: int, seed: int = 0):
     """Replace each label by null_label with probability p_uncond (classifier-free guidance training).
 
-    The drop mask of batch k comes from RandomState(seed, k), so it is the same after a resume.
+    The drop mask of batch k comes from RandomState(seed, k) (plus the MPI rank on ranks other than 0, so ranks
+    do not drop the same positions of their batches), so it is the same after a resume.
     """
+    rank = _shard_info()[0]
+    extra = [rank] if rank > 0 else []
 
     def drop(images, cond, k):
         if "y" not in cond:
@@ -404,7 +407,8 @@ def with_label_dropout(data, p_uncond: float, null_label: int, seed: int = 0):
         if y.size and (int(y.max()) >= null_label or int(y.min()) < 0):
             raise DataError("the data has class label %d but the model has %d classes: raise --num_classes"
                             % (int(y.max()), null_label))
-        mask = np.random.RandomState([seed % (2 ** 32), k % (2 ** 32), 7]).random_sample(y.shape) < p_uncond
+        rng = np.random.RandomState([seed % (2 ** 32), k % (2 ** 32), 7] + extra)
+        mask = rng.random_sample(y.shape) < p_uncond
         y[mask] = null_label
         cond = dict(cond)
         cond["y"] = y

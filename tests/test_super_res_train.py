@@ -31,3 +31,18 @@ def test_super_res_train_trains_and_resumes_exactly(tmp_path):
                  diffusion_steps=50)
     model, _ = sr_create_model_and_diffusion(**flags)
     load_state_dict_strict(model, b)
+
+
+def test_super_res_model_trained_by_the_script_samples_with_super_res_sample(tmp_path):
+    data = make_images(tmp_path / "imgs", n=2)
+    train = run_script(["--data_dir", data, "--batch_size", "2", "--lr_anneal_steps", "2", "--save_interval", "2",
+                        "--log_interval", "1"] + TINY, tmp_path / "train", script="scripts/super_res_train.py")
+    assert train.returncode == 0, train.stderr[-3000:]
+    base = tmp_path / "base.npz"
+    np.savez(str(base), np.random.RandomState(1).randint(0, 256, size=(2, 32, 32, 3)).astype(np.uint8))
+    sample = run_script(TINY + ["--model_path", tmp_path / "train" / "ema_0.9999_000002.pt", "--base_samples", base,
+                                "--num_samples", "2", "--batch_size", "2", "--timestep_respacing", "ddim4",
+                                "--use_ddim", "True"], tmp_path / "sample", script="scripts/super_res_sample.py")
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    with np.load(str(tmp_path / "sample" / "samples_2x64x64x3.npz")) as out:
+        assert out["arr_0"].shape == (2, 64, 64, 3) and out["arr_0"].dtype == np.uint8
