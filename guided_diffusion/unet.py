@@ -383,6 +383,116 @@ class QKVAttention(nn.Module):
         return count_flops_attn(model, _x, y)
 
 
+def _build_encoder(
+    model: nn.Module,
+    *,
+    in_channels: int,
+    model_channels: int,
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    dropout: float,
+    channel_mult: Sequence[float],
+    conv_resample: bool,
+    dims: int,
+    use_checkpoint: bool,
+    num_heads: int,
+    num_head_channels: int,
+    use_scale_shift_norm: bool,
+    resblock_updown: bool,
+    use_new_attention_order: bool,
+    time_embed_dim: int,
+):
+    """Give `model` the input blocks and middle block that UNetModel and EncoderUNetModel share.
+
+    Sets ``model.input_blocks``, ``model.middle_block`` and ``model._feature_size`` (the channels of every input
+    block output plus the middle block's) and returns (input_block_chans, ch, ds, input_ch) for what follows.
+    """
+    ch = input_ch = int(channel_mult[0] * model_channels)
+    model.input_blocks = nn.Sequential(
+        TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))
+    )
+    model._feature_size = ch
+    input_block_chans = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [
+                ResBlock(
+                    ch,
+                    time_embed_dim,
+                    dropout,
+                    out_channels=int(mult * model_channels),
+                    dims=dims,
+                    use_checkpoint=use_checkpoint,
+                    use_scale_shift_norm=use_scale_shift_norm,
+                )
+            ]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(
+                    AttentionBlock(
+                        ch,
+                        use_checkpoint=use_checkpoint,
+                        num_heads=num_heads,
+                        num_head_channels=num_head_channels,
+                        use_new_attention_order=use_new_attention_order,
+                    )
+                )
+            model.input_blocks.append(TimestepEmbedSequential(*layers))
+            model._feature_size += ch
+            input_block_chans.append(ch)
+        if level != len(channel_mult) - 1:
+            out_ch = ch
+            model.input_blocks.append(
+                TimestepEmbedSequential(
+                    ResBlock(
+                        ch,
+                        time_embed_dim,
+                        dropout,
+                        out_channels=out_ch,
+                        dims=dims,
+                        use_checkpoint=use_checkpoint,
+                        use_scale_shift_norm=use_scale_shift_norm,
+                        down=True,
+                    )
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, dims=dims, out_channels=out_ch)
+                )
+            )
+            ch = out_ch
+            input_block_chans.append(ch)
+            ds *= 2
+            model._feature_size += ch
+
+    model.middle_block = TimestepEmbedSequential(
+        ResBlock(
+            ch,
+            time_embed_dim,
+            dropout,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+        ),
+        AttentionBlock(
+            ch,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_new_attention_order=use_new_attention_order,
+        ),
+        ResBlock(
+            ch,
+            time_embed_dim,
+            dropout,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+        ),
+    )
+    model._feature_size += ch
+    return input_block_chans, ch, ds, input_ch
+
+
 class UNetModel(nn.Module):
     """The full UNet model with attention and timestep embedding.
 
@@ -464,89 +574,14 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.Sequential(
-            TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))
+        input_block_chans, ch, ds, input_ch = _build_encoder(
+            self, in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions, dropout=dropout, channel_mult=channel_mult,
+            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
+            num_head_channels=num_head_channels, use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+            time_embed_dim=time_embed_dim,
         )
-        self._feature_size = ch
-        input_block_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [
-                    ResBlock(
-                        ch,
-                        time_embed_dim,
-                        dropout,
-                        out_channels=int(mult * model_channels),
-                        dims=dims,
-                        use_checkpoint=use_checkpoint,
-                        use_scale_shift_norm=use_scale_shift_norm,
-                    )
-                ]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(
-                        AttentionBlock(
-                            ch,
-                            use_checkpoint=use_checkpoint,
-                            num_heads=num_heads,
-                            num_head_channels=num_head_channels,
-                            use_new_attention_order=use_new_attention_order,
-                        )
-                    )
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                out_ch = ch
-                self.input_blocks.append(
-                    TimestepEmbedSequential(
-                        ResBlock(
-                            ch,
-                            time_embed_dim,
-                            dropout,
-                            out_channels=out_ch,
-                            dims=dims,
-                            use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm,
-                            down=True,
-                        )
-                        if resblock_updown
-                        else Downsample(ch, conv_resample, dims=dims, out_channels=out_ch)
-                    )
-                )
-                ch = out_ch
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(
-                ch,
-                time_embed_dim,
-                dropout,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-            ),
-            AttentionBlock(
-                ch,
-                use_checkpoint=use_checkpoint,
-                num_heads=num_heads,
-                num_head_channels=num_head_channels,
-                use_new_attention_order=use_new_attention_order,
-            ),
-            ResBlock(
-                ch,
-                time_embed_dim,
-                dropout,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-            ),
-        )
-        self._feature_size += ch
 
         self.output_blocks = nn.Sequential()
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -724,89 +759,14 @@ class EncoderUNetModel(nn.Module):
             linear(time_embed_dim, time_embed_dim),
         )
 
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.Sequential(
-            TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))
+        _, ch, ds, _ = _build_encoder(
+            self, in_channels=in_channels, model_channels=model_channels, num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions, dropout=dropout, channel_mult=channel_mult,
+            conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint, num_heads=num_heads,
+            num_head_channels=num_head_channels, use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+            time_embed_dim=time_embed_dim,
         )
-        self._feature_size = ch
-        input_block_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [
-                    ResBlock(
-                        ch,
-                        time_embed_dim,
-                        dropout,
-                        out_channels=int(mult * model_channels),
-                        dims=dims,
-                        use_checkpoint=use_checkpoint,
-                        use_scale_shift_norm=use_scale_shift_norm,
-                    )
-                ]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(
-                        AttentionBlock(
-                            ch,
-                            use_checkpoint=use_checkpoint,
-                            num_heads=num_heads,
-                            num_head_channels=num_head_channels,
-                            use_new_attention_order=use_new_attention_order,
-                        )
-                    )
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                out_ch = ch
-                self.input_blocks.append(
-                    TimestepEmbedSequential(
-                        ResBlock(
-                            ch,
-                            time_embed_dim,
-                            dropout,
-                            out_channels=out_ch,
-                            dims=dims,
-                            use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm,
-                            down=True,
-                        )
-                        if resblock_updown
-                        else Downsample(ch, conv_resample, dims=dims, out_channels=out_ch)
-                    )
-                )
-                ch = out_ch
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(
-                ch,
-                time_embed_dim,
-                dropout,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-            ),
-            AttentionBlock(
-                ch,
-                use_checkpoint=use_checkpoint,
-                num_heads=num_heads,
-                num_head_channels=num_head_channels,
-                use_new_attention_order=use_new_attention_order,
-            ),
-            ResBlock(
-                ch,
-                time_embed_dim,
-                dropout,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-            ),
-        )
-        self._feature_size += ch
         self.pool = pool
         if pool == "adaptive":
             self.out = nn.Sequential(
