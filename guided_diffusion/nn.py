@@ -16,6 +16,18 @@ import jittor as jt
 from jittor import nn
 
 
+_CHECKPOINT_FORWARD_DEPTH = [0]
+
+
+def _inference_only() -> bool:
+    """True when no gradient will be asked for, so forward-only CPU kernels may run.
+
+    A checkpointed forward also runs with gradients off, but its backward recomputes it with gradients on; the two
+    must compute exactly the same thing, so the forward-only kernels stay off inside it.
+    """
+    return bool(jt.flags.no_grad) and _CHECKPOINT_FORWARD_DEPTH[0] == 0
+
+
 class SiLU(nn.Module):
     """x * sigmoid(x); kept for parity with the reference (which also does not use it)."""
 
@@ -40,6 +52,9 @@ class GroupNorm32(nn.GroupNorm):
         n, c = shape[0], shape[1]
         assert c == self.num_channels, f"GroupNorm32 expects {self.num_channels} channels, got {c}"
         g = self.num_groups
+        if _inference_only() and not jt.flags.use_cuda and self.affine and c % g == 0 and xf.numel() > 0:
+            xn = _group_norm_cpu(xf.reshape((n, c, -1)), self.weight, self.bias, g, self.eps).reshape(shape)
+            return xn.cast(in_dtype) if in_dtype != "float32" else xn
         xg = xf.reshape((n, g, -1))
         mean = xg.mean(dim=2, keepdims=True)
         xc = xg - mean
@@ -51,6 +66,38 @@ class GroupNorm32(nn.GroupNorm):
         if in_dtype != "float32":
             xn = xn.cast(in_dtype)
         return xn
+
+
+_GROUP_NORM_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1, S = in0_shape2, G = @GROUPS, CG = C / G;
+    const double len = double(CG) * S;
+    for (int n = 0; n < N; n++) {
+        for (int g = 0; g < G; g++) {
+            const size_t base = (size_t(n) * C + size_t(g) * CG) * S;
+            const in0_type* __restrict__ xi = in0_p + base;
+            out0_type* __restrict__ yo = out0_p + base;
+            const size_t cnt = size_t(CG) * S;
+            double sum = 0;
+            for (size_t i = 0; i < cnt; i++) sum += xi[i];
+            const float mean = float(sum / len);
+            double sq = 0;
+            for (size_t i = 0; i < cnt; i++) { float d = xi[i] - mean; sq += double(d) * d; }
+            const float inv = float(1.0 / std::sqrt(sq / len + @EPS));
+            for (int c = 0; c < CG; c++) {
+                const float a = in1_p[g * CG + c] * inv, b = in2_p[g * CG + c];
+                const in0_type* __restrict__ xc = xi + size_t(c) * S;
+                out0_type* __restrict__ yc = yo + size_t(c) * S;
+                for (int i = 0; i < S; i++) yc[i] = (xc[i] - mean) * a + b;
+            }
+        }
+    }
+"""
+
+
+def _group_norm_cpu(x: jt.Var, weight: jt.Var, bias: jt.Var, groups: int, eps: float) -> jt.Var:
+    """Two-pass group norm with affine on [N, C, S] float32, as one CPU kernel (forward only, no gradient)."""
+    src = _GROUP_NORM_SRC.replace("@GROUPS", str(int(groups))).replace("@EPS", repr(float(eps)))
+    return jt.code(x.shape, x.dtype, [x, weight.float32(), bias.float32()], cpu_src=src)
 
 
 def _as_tuple(v, n: int) -> tuple:
@@ -198,6 +245,46 @@ def timestep_embedding(timesteps: jt.Var, dim: int, max_period: float = 10000) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_ROW_SOFTMAX_SRC = r"""
+    const size_t rows = in0_shape0, cols = in0_shape1;
+    for (size_t r = 0; r < rows; r++) {
+        const in0_type* __restrict__ xi = in0_p + r * cols;
+        out0_type* __restrict__ yo = out0_p + r * cols;
+        in0_type m = xi[0];
+        for (size_t c = 1; c < cols; c++) m = xi[c] > m ? xi[c] : m;
+        in0_type s = 0;
+        for (size_t c = 0; c < cols; c++) { in0_type e = std::exp(xi[c] - m); yo[c] = e; s += e; }
+        const in0_type inv = in0_type(1) / s;
+        for (size_t c = 0; c < cols; c++) yo[c] *= inv;
+    }
+"""
+
+
+class _RowSoftmax(jt.Function):
+    """Softmax over the last axis as one CPU kernel (max, exp and sum in one sweep, exp computed once)."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        x2 = x.reshape((-1, x.shape[-1]))
+        y = jt.code(x2.shape, x2.dtype, [x2], cpu_src=_ROW_SOFTMAX_SRC).reshape(x.shape)
+        self.y = y
+        return y
+
+    def grad(self, g: jt.Var) -> jt.Var:
+        y = self.y
+        return y * (g - (g * y).sum(dim=-1, keepdims=True))
+
+
+def softmax_last(x: jt.Var) -> jt.Var:
+    """Softmax over the last axis, computed in float32 and cast back to x's dtype.
+
+    Exists because Jittor's softmax on the CPU runs three single-threaded sweeps and evaluates exp twice per element
+    (about 10x slower than one fused row kernel for attention weights); on CUDA it is Jittor's own.
+    """
+    if jt.flags.use_cuda or x.ndim == 0:
+        return nn.softmax(x.float32(), dim=-1).cast(x.dtype)
+    return _RowSoftmax()(x.float32()).cast(x.dtype)
+
+
 def _use_onednn(*vs: jt.Var) -> bool:
     return (not jt.flags.use_cuda) and jt.mkl_ops is not None and all(v.dtype == "float32" for v in vs)
 
@@ -269,12 +356,28 @@ def attention_qkv(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
 
     q and k are each multiplied by ``scale`` (ch^-1/4 in the reference) before the product; the softmax is
     computed in float32 and cast back to the input dtype.
+
+    On the CPU with oneDNN both products run as plain (non-transposed) 2-D sgemms on token-major copies of q and v
+    (oneDNN's transposed-operand sgemm is 1.2-5x slower for these shapes); without gradients each head's
+    matmul -> softmax -> matmul runs back to back so its [T, S] weights stay in cache.
     """
     qs = (q * scale).cast(q.dtype)
     ks = (k * scale).cast(k.dtype)
-    weight = batched_matmul(qs, ks, trans_a=True, trans_b=False)  # [B, T, S]
-    weight = nn.softmax(weight.float32(), dim=-1).cast(weight.dtype)
-    return batched_matmul(v, weight, trans_a=False, trans_b=True)  # [B, ch, T]
+    if not _use_onednn(qs, ks, v):
+        weight = batched_matmul(qs, ks, trans_a=True, trans_b=False)  # [B, T, S]
+        weight = nn.softmax(weight.float32(), dim=-1).cast(weight.dtype)
+        return batched_matmul(v, weight, trans_a=False, trans_b=True)  # [B, ch, T]
+    qt = qs.transpose((0, 2, 1))  # [B, T, ch]
+    vt = v.transpose((0, 2, 1))  # [B, S, ch]
+    if _inference_only():
+        mm = jt.mkl_ops.mkl_matmul
+        heads = [mm(softmax_last(mm(qt[i], ks[i], False, False)), vt[i], False, False)
+                 for i in range(qt.shape[0])]
+        out_t = jt.stack(heads, dim=0)  # [B, T, ch]
+    else:
+        weight = softmax_last(batched_matmul(qt, ks))  # [B, T, S]
+        out_t = batched_matmul(weight, vt)  # [B, T, ch]
+    return out_t.transpose((0, 2, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,8 +416,12 @@ class CheckpointFunction(jt.Function):
 
     def execute(self, *args):
         self.input_tensors = list(args[: self.length])
-        with jt.flag_scope(no_grad=1):
-            output = self.run_function(*self.input_tensors)
+        _CHECKPOINT_FORWARD_DEPTH[0] += 1
+        try:
+            with jt.flag_scope(no_grad=1):
+                output = self.run_function(*self.input_tensors)
+        finally:
+            _CHECKPOINT_FORWARD_DEPTH[0] -= 1
         self.multiple_outputs = isinstance(output, (tuple, list))
         return output
 
