@@ -12,7 +12,7 @@ test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) scripts/demo.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/demo.py
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -1,0 +1,145 @@
+"""Tests of the demo: the shipped digits, their export for --data_dir, the demo checkpoints and `scripts/demo.py`."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
+from guided_diffusion import digits, script_util
+from guided_diffusion.checkpoint import load_file, save_file
+from guided_diffusion.errors import DataError
+from guided_diffusion.image_datasets import load_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DIR = os.path.join(ROOT, "scripts", "demo")
+DIGITS_NPZ = os.path.join(DEMO_DIR, "mnist_5k.npz")
+PYTHON = sys.executable
+# One OpenMP thread per process: on a shared CPU, spinning OpenMP threads make Jittor many times slower.
+ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def test_shipped_digits_hold_500_images_per_digit():
+    images, labels = digits.load_digits_npz(DIGITS_NPZ)
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(np.bincount(labels, minlength=10), np.full(10, 500))
+    assert images.max() > 200 and images.min() == 0
+
+
+def test_pad_to_rgb_centres_the_digit_on_black_and_copies_gray_to_rgb():
+    img = np.arange(28 * 28, dtype=np.uint8).reshape(1, 28, 28)
+    out = digits.pad_to_rgb(img)
+    assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0, 2:30, 2:30, 0], img[0])
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+    assert out[0, :2].max() == 0 and out[0, 30:].max() == 0 and out[0, :, :2].max() == 0
+
+
+def test_export_names_files_by_class_and_the_training_loader_reads_the_classes(tmp_path):
+    images, labels = digits.load_digits_npz(DIGITS_NPZ)
+    pick = np.concatenate([np.flatnonzero(labels == d)[:2] for d in range(10)])
+    small = tmp_path / "small.npz"
+    np.savez(small, images=images[pick], labels=labels[pick].astype(np.uint8))
+    out = tmp_path / "digits"
+    assert digits.export_digits(str(small), str(out)) == 20
+    names = sorted(os.listdir(out))
+    assert len(names) == 20 and all(re.fullmatch(r"\d_\d{5}\.png", n) for n in names)
+    from PIL import Image
+
+    for i, label in enumerate(labels[pick]):
+        with Image.open(out / digits.digit_file_name(label, i)) as im:
+            arr = np.asarray(im.convert("RGB"))
+        assert arr.shape == (32, 32, 3)
+        assert np.array_equal(arr[2:30, 2:30, 1], images[pick][i])
+    # The training scripts' --data_dir path: class = file-name prefix, 0..9 in order.
+    data = load_data(data_dir=str(out), batch_size=20, image_size=32, class_cond=True, deterministic=True,
+                     random_flip=False)
+    batch, cond = next(data)
+    data.close()
+    mean_by_label = {int(y): float(np.asarray(b).mean()) for b, y in zip(batch, cond["y"])}
+    assert sorted(mean_by_label) == list(range(10))
+    # A second export keeps the files and reports the same count.
+    assert digits.export_digits(str(small), str(out)) == 20
+
+
+def test_export_of_a_missing_digits_file_says_how_to_restore_it(tmp_path):
+    with pytest.raises(DataError, match="restore it with git"):
+        digits.export_digits(str(tmp_path / "none.npz"), str(tmp_path / "out"))
+
+
+def test_classifier_32px_builds_a_32x32_classifier_and_restores_the_factory():
+    flags = script_util.classifier_defaults()
+    flags.update(digits.DEMO_CLASSIFIER_FLAGS)
+    with pytest.raises(script_util.FlagError):
+        script_util.create_classifier(**flags)
+    with digits.classifier_32px():
+        model = script_util.create_classifier(**flags)
+    assert model is not None
+    with pytest.raises(script_util.FlagError):
+        script_util.create_classifier(**flags)
+
+
+def test_demo_checkpoint_is_stored_as_float16_and_loads_back_as_float32(tmp_path):
+    src, dest = str(tmp_path / "ema.pt"), str(tmp_path / "demo.pt")
+    weights = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "n": np.array(3, dtype=np.int64)}
+    save_file(weights, src)
+    assert digits.save_demo_checkpoint(src, dest) == 2
+    back = load_file(dest)
+    assert back["w"].dtype == np.float16 and back["n"].dtype == np.int64
+    np.testing.assert_allclose(back["w"].astype(np.float32), weights["w"], atol=1e-3)
+
+
+def test_committed_demo_checkpoints_fit_the_demo_flags():
+    model, diffusion, classifier = digits.load_demo_models(
+        os.path.join(DEMO_DIR, "free_digits.pt"), os.path.join(DEMO_DIR, "classifier_digits.pt"), "ddim25")
+    assert model.label_emb.weight.shape[0] == digits.NUM_DIGITS + 1
+    assert diffusion.num_timesteps == 25
+
+
+def test_null_label_model_always_passes_the_null_label():
+    import jittor as jt
+
+    seen = {}
+
+    def fake_model(x, t, y=None):
+        seen["y"] = y.numpy()
+        return x
+
+    wrapped = digits.NullLabelModel(fake_model, 10)
+    wrapped(jt.zeros((3, 3, 4, 4)), jt.zeros((3,), dtype="int32"), y=jt.array(np.array([1, 2, 3], np.int32)))
+    assert seen["y"].tolist() == [10, 10, 10]
+
+
+def test_demo_writes_npz_files_grids_and_the_accuracy_lines(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [PYTHON, os.path.join(ROOT, "scripts", "demo.py"), "--out_dir", str(out), "--num_per_class", "1",
+           "--timestep_respacing", "ddim2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("unguided", "conditional", "cfg", "classifier"):
+        npz = out / name / "samples_10x32x32x3.npz"
+        with np.load(npz) as data:
+            assert data["arr_0"].shape == (10, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+            assert data["arr_1"].tolist() == list(range(10))
+        assert str(npz) in proc.stdout
+        grid = out / ("grid_%s.png" % name)
+        assert str(grid) in proc.stdout
+        from PIL import Image
+
+        with Image.open(grid) as im:
+            assert im.size == (2 + 1 * 34, 2 + 10 * 34)  # one column, one row per digit
+    accuracies = re.findall(r"^  accuracy (.+?):\s+([01]\.\d\d) \((\d+)/10\)$", proc.stdout, flags=re.M)
+    assert [a[0].split(" ")[0] for a in accuracies] == ["unguided", "conditional,", "classifier-free", "classifier"]
+    for _, frac, count in accuracies:
+        assert abs(float(frac) - int(count) / 10) < 1e-9
+
+
+def test_demo_with_a_missing_checkpoint_exits_with_the_fix(tmp_path):
+    cmd = [PYTHON, os.path.join(ROOT, "scripts", "demo.py"), "--out_dir", str(tmp_path / "demo"),
+           "--model_path", str(tmp_path / "missing.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "missing.pt" in proc.stderr and "not found" in proc.stderr
