@@ -4,10 +4,9 @@ class-prefixed image folder that the training scripts read with --data_dir, the 
 model (null label) into an unconditional model, and the "does the classifier see the requested digit" check.
 """
 
-import contextlib
 import functools
 import os
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
@@ -114,7 +113,7 @@ def guidance_accuracy(classifier: Callable, npz_path: str) -> Tuple[float, np.nd
     return float(np.mean(preds == labels)), preds
 
 
-#: Channel multipliers of a 32x32 classifier (create_classifier has built-in ones only for 64 to 512 pixels).
+#: Channel multipliers of a 32x32 model or classifier (script_util's table entry for 32 pixels).
 CLASSIFIER_CHANNEL_MULT_32 = (1, 2, 2, 2)
 
 #: The demo's model flags: free_train.py with these (and --num_classes 10) made scripts/demo/free_digits.pt.
@@ -129,36 +128,9 @@ DEMO_CLASSIFIER_FLAGS: Dict[str, Any] = dict(
 )
 
 
-def _allow_32px_classifiers() -> Callable:
-    """Make script_util's channel-multiplier table answer 32 pixels too; returns the original function."""
-    from . import script_util
-
-    original = script_util._default_channel_mult
-
-    def channel_mult(image_size: int, what: str = "image_size") -> tuple:
-        if image_size == DIGIT_IMAGE_SIZE:
-            return CLASSIFIER_CHANNEL_MULT_32
-        return original(image_size, what)
-
-    script_util._default_channel_mult = channel_mult
-    return original
-
-
-@contextlib.contextmanager
-def classifier_32px() -> Iterator[None]:
-    """Within the block, create_classifier builds 32x32 classifiers (channel multipliers 1,2,2,2)."""
-    from . import script_util
-
-    original = _allow_32px_classifiers()
-    try:
-        yield
-    finally:
-        script_util._default_channel_mult = original
-
-
 def apply_digit_training_settings() -> None:
     """Adjust the training scripts for digits for the rest of the process: no horizontal flips (a mirrored 3 is
-    no 3; the reference loader always flips half the images) and 32x32 classifiers (see classifier_32px).
+    no 3; the reference loader always flips half the images).
 
     scripts/demo/train.py applies this before running free_train.py or classifier_train.py unchanged.
     """
@@ -175,7 +147,6 @@ def apply_digit_training_settings() -> None:
 
     image_datasets.ImageDataset.__init__ = init_without_flip
     image_datasets.ImageDataset._digits_no_flip = True
-    _allow_32px_classifiers()  # left on: the training script runs in this process until it exits
 
 
 def load_demo_models(model_path: str, classifier_path: str, timestep_respacing: str):
@@ -190,8 +161,7 @@ def load_demo_models(model_path: str, classifier_path: str, timestep_respacing: 
     model.eval()
     cflags = script_util.classifier_defaults()
     cflags.update(DEMO_CLASSIFIER_FLAGS)
-    with classifier_32px():
-        classifier = _build(script_util.create_classifier, cflags)
+    classifier = _build(script_util.create_classifier, cflags)
     load_weights(classifier, classifier_path, what="demo classifier", flag="--classifier_path")
     classifier.eval()
     return model, diffusion, classifier

@@ -159,17 +159,19 @@ def create_model_and_diffusion(
 
 
 def _default_channel_mult(image_size: int, what: str = "image_size") -> tuple:
-    """The reference's channel multipliers per resolution."""
+    """The reference's channel multipliers per resolution, plus 32x32 (CIFAR-10 / digits sized models, which the
+    reference rejects) so that classifiers, which have no --channel_mult flag, can be built at 32x32."""
     table = {
         512: (0.5, 1, 1, 2, 2, 4, 4),
         256: (1, 1, 2, 2, 4, 4),
         128: (1, 1, 2, 3, 4),
         64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),
     }
     if image_size not in table:
         raise FlagError(
             f"unsupported image size: {image_size} (--{what}); the built-in channel multipliers exist for "
-            f"64, 128, 256 and 512, so pick one of those"
+            f"32, 64, 128, 256 and 512, so pick one of those"
             + (" or pass --channel_mult explicitly, e.g. --channel_mult 1,2,2,2" if what == "image_size" else "")
         )
     return table[image_size]

@@ -70,16 +70,11 @@ def test_export_of_a_missing_digits_file_says_how_to_restore_it(tmp_path):
         digits.export_digits(str(tmp_path / "none.npz"), str(tmp_path / "out"))
 
 
-def test_classifier_32px_builds_a_32x32_classifier_and_restores_the_factory():
+def test_demo_classifier_flags_build_a_32x32_classifier_with_the_32px_channel_mult():
     flags = script_util.classifier_defaults()
     flags.update(digits.DEMO_CLASSIFIER_FLAGS)
-    with pytest.raises(script_util.FlagError):
-        script_util.create_classifier(**flags)
-    with digits.classifier_32px():
-        model = script_util.create_classifier(**flags)
-    assert model is not None
-    with pytest.raises(script_util.FlagError):
-        script_util.create_classifier(**flags)
+    model = script_util.create_classifier(**flags)
+    assert list(model.channel_mult) == list(digits.CLASSIFIER_CHANNEL_MULT_32)
 
 
 def test_demo_checkpoint_is_stored_as_float16_and_loads_back_as_float32(tmp_path):

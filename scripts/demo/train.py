@@ -1,6 +1,6 @@
 """
 Run free_train.py or classifier_train.py (unchanged, with all their flags) on the demo digits: horizontal flips off
-and 32x32 classifier channel multipliers (1,2,2,2) (guided_diffusion.digits.apply_digit_training_settings).
+(guided_diffusion.digits.apply_digit_training_settings).
 
     python scripts/demo/train.py free_train.py --data_dir ... [flags]
     python scripts/demo/train.py classifier_train.py --data_dir ... [flags]
