@@ -142,15 +142,8 @@ class ImageDataset:
         else:
             arr = center_crop_arr(pil_image, self.resolution)
 
-        if self.random_flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-
-        arr = arr.astype(np.float32) / 127.5 - 1
-
-        out_dict = {}
-        if self.local_classes is not None:
-            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
-        return np.transpose(arr, [2, 0, 1]), out_dict
+        label = None if self.local_classes is None else self.local_classes[idx]
+        return _to_training_sample(arr, label, self.random_flip, rng)
 
 
 class ArrayDataset:
@@ -178,13 +171,19 @@ class ArrayDataset:
         arr = self.images[idx]
         if arr.shape[0] != self.resolution or arr.shape[1] != self.resolution:
             arr = center_crop_arr(Image.fromarray(arr), self.resolution)
-        if self.random_flip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        arr = arr.astype(np.float32) / 127.5 - 1
-        out_dict = {}
-        if self.labels is not None:
-            out_dict["y"] = np.array(self.labels[idx], dtype=np.int64)
-        return np.transpose(arr, [2, 0, 1]), out_dict
+        label = None if self.labels is None else self.labels[idx]
+        return _to_training_sample(arr, label, self.random_flip, rng)
+
+
+def _to_training_sample(arr: np.ndarray, label, random_flip: bool, rng) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Flip (with probability 1/2 when asked), scale uint8 HWC to [-1, 1] CHW, and attach the label as "y"."""
+    if random_flip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    arr = arr.astype(np.float32) / 127.5 - 1
+    out_dict = {}
+    if label is not None:
+        out_dict["y"] = np.array(label, dtype=np.int64)
+    return np.transpose(arr, [2, 0, 1]), out_dict
 
 
 class BatchIterator:

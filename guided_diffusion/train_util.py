@@ -227,15 +227,7 @@ class TrainLoop:
     def _load_and_sync_parameters(self) -> None:
         resume_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
         if resume_checkpoint:
-            if not os.path.isfile(resume_checkpoint):
-                raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
-                                      "written by a previous run" % resume_checkpoint)
-            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
-            logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
-            checkpoint.load_state_dict_strict(
-                self.model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()),
-                source=resume_checkpoint,
-            )
+            self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
 
     def _load_ema_parameters(self, rate: float) -> List[jt.Var]:
@@ -414,15 +406,7 @@ class ClassifierTrainLoop:
 
         self.resume_step = 0
         if resume_checkpoint:
-            if not os.path.isfile(resume_checkpoint):
-                raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
-                                      "written by a previous run" % resume_checkpoint)
-            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
-            logger.log(f"loading model from checkpoint: {resume_checkpoint}... at {self.resume_step} step")
-            checkpoint.load_state_dict_strict(
-                self.model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()),
-                source=resume_checkpoint,
-            )
+            self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint, log_step=True)
         dist_util.sync_params(self.model.parameters())
 
         self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, initial_lg_loss_scale=16.0)
@@ -547,6 +531,20 @@ def split_microbatches(microbatch: int, *args):
     else:
         for i in range(0, bs, microbatch):
             yield tuple(x[i: i + microbatch] if x is not None else None for x in args)
+
+
+def load_resume_checkpoint(model, resume_checkpoint: str, log_step: bool = False) -> int:
+    """Load --resume_checkpoint strictly into `model`; returns the step parsed from its file name."""
+    if not os.path.isfile(resume_checkpoint):
+        raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
+                              "written by a previous run" % resume_checkpoint)
+    resume_step = parse_resume_step_from_filename(resume_checkpoint)
+    logger.log(f"loading model from checkpoint: {resume_checkpoint}..."
+               + (f" at {resume_step} step" if log_step else ""))
+    checkpoint.load_state_dict_strict(
+        model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()), source=resume_checkpoint
+    )
+    return resume_step
 
 
 def parse_resume_step_from_filename(filename: str) -> int:

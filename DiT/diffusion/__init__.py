@@ -8,8 +8,8 @@ guided_diffusion's own GaussianDiffusion / SpacedDiffusion, so nothing is copied
 
 from typing import Optional, Sequence, Union
 
-from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.script_util import create_gaussian_diffusion
 
 
 def create_diffusion(
@@ -23,25 +23,14 @@ def create_diffusion(
     diffusion_steps: int = 1000,
 ) -> SpacedDiffusion:
     """Build DiT's diffusion: ``timestep_respacing`` "" or None keeps all steps, "250" / "ddim25" respace them."""
-    betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
-    if use_kl:
-        loss_type = gd.LossType.RESCALED_KL
-    elif rescale_learned_sigmas:
-        loss_type = gd.LossType.RESCALED_MSE
-    else:
-        loss_type = gd.LossType.MSE
-    if timestep_respacing is None or timestep_respacing == "":
-        timestep_respacing = [diffusion_steps]
-    if learn_sigma:
-        model_var_type = gd.ModelVarType.LEARNED_RANGE
-    elif sigma_small:
-        model_var_type = gd.ModelVarType.FIXED_SMALL
-    else:
-        model_var_type = gd.ModelVarType.FIXED_LARGE
-    return SpacedDiffusion(
-        use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
-        betas=betas,
-        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
-        model_var_type=model_var_type,
-        loss_type=loss_type,
+    return create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=False,  # DiT always feeds the network the raw timestep
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing or "",
     )
