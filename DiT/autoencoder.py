@@ -50,10 +50,10 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 32, eps: float = 1e-6):
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
+        self.conv1 = gd_nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = gd_nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
+        self.conv_shortcut = gd_nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def execute(self, x: jt.Var) -> jt.Var:
         h = self.conv1(_silu(self.norm1(x)))
@@ -86,7 +86,7 @@ class Downsample2D(nn.Module):
     """Stride-2 3x3 conv after padding one zero column on the right and one zero row at the bottom."""
 
     def __init__(self, channels: int):
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = gd_nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def execute(self, x: jt.Var) -> jt.Var:
         return self.conv(nn.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -96,7 +96,7 @@ class Upsample2D(nn.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
 
     def __init__(self, channels: int):
-        self.conv = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
+        self.conv = gd_nn.Conv2d(channels, channels, 3, stride=1, padding=1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         n, c, h, w = x.shape
@@ -161,7 +161,7 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, block_out_channels: Sequence[int], layers_per_block: int,
                  norm_num_groups: int, double_z: bool = True, mid_block_add_attention: bool = True):
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, stride=1, padding=1)
+        self.conv_in = gd_nn.Conv2d(in_channels, block_out_channels[0], 3, stride=1, padding=1)
         blocks = []
         prev = block_out_channels[0]
         for i, ch in enumerate(block_out_channels):
@@ -171,7 +171,7 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = UNetMidBlock2D(prev, norm_num_groups, add_attention=mid_block_add_attention)
         self.conv_norm_out = GroupNorm(norm_num_groups, prev, eps=1e-6)
-        self.conv_out = nn.Conv2d(prev, 2 * out_channels if double_z else out_channels, 3, padding=1)
+        self.conv_out = gd_nn.Conv2d(prev, 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         x = self.conv_in(x)
@@ -187,7 +187,7 @@ class Decoder(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, block_out_channels: Sequence[int], layers_per_block: int,
                  norm_num_groups: int, mid_block_add_attention: bool = True):
         rev = list(reversed(block_out_channels))
-        self.conv_in = nn.Conv2d(in_channels, rev[0], 3, stride=1, padding=1)
+        self.conv_in = gd_nn.Conv2d(in_channels, rev[0], 3, stride=1, padding=1)
         self.mid_block = UNetMidBlock2D(rev[0], norm_num_groups, add_attention=mid_block_add_attention)
         blocks = []
         prev = rev[0]
@@ -197,7 +197,7 @@ class Decoder(nn.Module):
             prev = ch
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = GroupNorm(norm_num_groups, prev, eps=1e-6)
-        self.conv_out = nn.Conv2d(prev, out_channels, 3, padding=1)
+        self.conv_out = gd_nn.Conv2d(prev, out_channels, 3, padding=1)
 
     def execute(self, z: jt.Var) -> jt.Var:
         x = self.conv_in(z)
@@ -338,8 +338,8 @@ class AutoencoderKL(nn.Module):
                                double_z=True, mid_block_add_attention=mid_block_add_attention)
         self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
                                mid_block_add_attention=mid_block_add_attention)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.quant_conv = gd_nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = gd_nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
     # -- construction ---------------------------------------------------------------------------------------------
 

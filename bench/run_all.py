@@ -1,9 +1,9 @@
 """Run every benchmark, each in a fresh process, and print one JSON line per measurement: `python bench/run_all.py`.
 
-Fresh processes keep the measurements apart (compile caches in memory, peak RSS). OMP_NUM_THREADS (oneDNN's thread
-count) passes through from the environment, or is 1 when unset: on a 2-core machine shared with other work, oneDNN's
-2-thread team ran 1.6-3.6x slower than one thread (see bench/RESULTS.md); `--threads 1 2` runs the whole set once per
-value. `--quick` keeps to the issue's headline figures (ADM-64 batch 4, DDIM small-64, training step, DiT-XL/2).
+Fresh processes keep the measurements apart (compile caches in memory, peak RSS). OMP_NUM_THREADS (the OpenMP
+thread count of oneDNN and of our CPU kernels) passes through from the environment; unset, OpenMP uses every core.
+On a machine whose cores are busy with other work, one thread can be faster (see bench/RESULTS.md): `--threads 1 2`
+runs the whole set once per value. `--quick` keeps to the issue's headline figures (ADM-64 batch 4, DDIM small-64, training step, DiT-XL/2).
 """
 
 import argparse
@@ -26,6 +26,7 @@ FULL = [
     ["bench_ddim_loop.py", "--config", "small64", "--batch", "4", "--steps", "25"],
     ["bench_train_step.py", "--config", "small64", "--batch", "8"],
     ["bench_dit_forward.py", "--model", "DiT-XL/2", "--batch", "2"],
+    ["bench_winograd.py"],
 ]
 QUICK_NAMES = {("adm64", "4"), ("small64", "4"), ("small64", "8"), ("DiT-XL/2", "2")}
 
@@ -39,12 +40,12 @@ def _is_quick(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", nargs="*", default=None,
-                        help="OMP_NUM_THREADS values to run the set with (default: $OMP_NUM_THREADS, or 1)")
+                        help="OMP_NUM_THREADS values to run the set with (default: the environment's setting)")
     parser.add_argument("--quick", action="store_true", help="only the issue's headline figures")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per benchmark process")
     args = parser.parse_args()
     cmds = [c for c in FULL if not args.quick or _is_quick(c)]
-    thread_values = args.threads or [os.environ.get("OMP_NUM_THREADS", "1")]
+    thread_values = args.threads or [os.environ.get("OMP_NUM_THREADS")]
     failures = 0
     for threads in thread_values:
         env = dict(os.environ)

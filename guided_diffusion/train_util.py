@@ -35,6 +35,28 @@ from .resample import LossAwareSampler, UniformSampler
 INITIAL_LOG_LOSS_SCALE = 20.0
 
 
+_ADAMW_HEADER = "#include <cmath>\n"
+
+# Inputs p, g, m, v, scalars = [1 - lr * wd, b0, 1 - b0, b1, 1 - b1, sqrt(1 - b1^n), eps, lr / (1 - b0^n)];
+# outputs p', m', v' computed as jt.optim.AdamW.step does.
+_ADAMW_SRC = r"""
+    const long size = in0->num;
+    const float* __restrict__ k = in4_p;
+    const float decay = k[0], b0 = k[1], c0 = k[2], b1 = k[3], c1 = k[4], sbc2 = k[5], eps = k[6], step = k[7];
+    #pragma omp parallel for schedule(static) if(size >= (1 << 16))
+    for (long i = 0; i < size; i++) {
+        const float g = in1_p[i];
+        const float p = in0_p[i] * decay;
+        const float m = b0 * in2_p[i] + c0 * g;
+        const float v = b1 * in3_p[i] + c1 * g * g;
+        const float denom = std::sqrt(v) / sbc2 + eps;
+        out0_p[i] = p - step * m / denom;
+        out1_p[i] = m;
+        out2_p[i] = v;
+    }
+"""
+
+
 class AdamW(jt.optim.AdamW):
     """Jittor's AdamW (decoupled weight decay, as torch's) stepped once per call with explicit gradients, with a
     torch-style state dict so that optimizer checkpoints restore exactly."""
@@ -50,7 +72,34 @@ class AdamW(jt.optim.AdamW):
         for pg in self.param_groups:
             pg["grads"] = [by_id[id(p)] if id(p) in by_id else jt.zeros_like(p) for p in pg["params"]]
         self.n_step += 1  # the bias-correction step count (Jittor counts backward() calls instead)
-        jt.optim.AdamW.step(self)
+        if jt.flags.use_cuda:
+            jt.optim.AdamW.step(self)
+            return
+        self._fused_cpu_step()
+
+    def _fused_cpu_step(self) -> None:
+        """Jittor's AdamW update, same formula and operation order, as one multi-threaded CPU kernel per parameter.
+
+        The per-step scalars travel as a small array (not constants baked into the kernel), so a changing learning
+        rate or step count never compiles a new kernel.
+        """
+        n = float(self.n_step)
+        for pg in self.param_groups:
+            lr = pg.get("lr", self.lr)
+            b0, b1 = pg.get("betas", self.betas)
+            scalars = jt.array(np.array([
+                1 - lr * pg.get("weight_decay", self.weight_decay), b0, 1 - b0, b1, 1 - b1,
+                np.sqrt(1 - b1 ** n), pg.get("eps", self.eps), lr / (1 - b0 ** n)], dtype=np.float32))
+            for p, g, v, m in zip(pg["params"], pg["grads"], pg["values"], pg["m"]):
+                if p.is_stop_grad():
+                    continue
+                if p.dtype != "float32" or g.dtype != "float32":
+                    raise TypeError("AdamW on the CPU expects float32 parameters and gradients, got %s" % p.dtype)
+                new_p, new_m, new_v = jt.code([p.shape] * 3, ["float32"] * 3, [p, g, m, v, scalars],
+                                              cpu_header=_ADAMW_HEADER, cpu_src=_ADAMW_SRC)
+                m.update(new_m)
+                v.update(new_v)
+                p.update(new_p)
 
     def state_dict(self) -> Dict[str, Any]:
         """{"state": per-parameter moments and step, "param_groups": hyper-parameters}, as torch's AdamW."""

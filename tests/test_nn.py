@@ -52,6 +52,143 @@ def test_groupnorm32_defaults_and_2d_input():
     assert np.abs(ours - ref).max() < 1e-5
 
 
+def _count_jt_code(monkeypatch) -> list:
+    """Make every jt.code call append one entry to the returned list."""
+    calls = []
+    real = jt.code
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jt, "code", counting)
+    return calls
+
+
+def _group_norm_case(shape, seed=0):
+    rng = np.random.RandomState(seed)
+    c = shape[1]
+    x = (5.0 + 3.0 * rng.randn(*shape)).astype(np.float32)  # a non-zero mean
+    w = (1.0 + rng.randn(c)).astype(np.float32)
+    b = rng.randn(c).astype(np.float32)
+    dy = rng.randn(*shape).astype(np.float32)  # a random upstream gradient
+    return x, w, b, dy
+
+
+def _rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (2, 96, 50)])
+def test_group_norm_fast_path_matches_op_by_op_values_and_gradients(monkeypatch, shape):
+    x, w, b, dy = _group_norm_case(shape)
+    calls = _count_jt_code(monkeypatch)
+    norm = gnn.GroupNorm32(32, shape[1])
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    xv = jt.array(x)
+    y = norm(xv)
+    assert len(calls) == 1  # the whole forward is one kernel
+    grads = jt.grad((y * jt.array(dy)).sum(), [xv, norm.weight, norm.bias])
+    assert len(calls) == 2  # and so is the whole backward (dx, dweight, dbias)
+    fast = [y.numpy()] + [g.numpy() for g in grads]
+
+    xr, wr, br = jt.array(x), jt.array(w), jt.array(b)
+    yr = gnn._group_norm_ops(xr, wr, br, 32, 1e-5)
+    ref = [yr.numpy()] + [g.numpy() for g in jt.grad((yr * jt.array(dy)).sum(), [xr, wr, br])]
+    assert len(calls) == 2  # the op-by-op reference uses no kernel of its own
+
+    np.testing.assert_allclose(fast[0], ref[0], atol=1e-5)
+    np.testing.assert_allclose(fast[0], _np_group_norm(x, 32, w.astype(np.float64), b.astype(np.float64)),
+                               atol=1e-5)
+    for name, got, want in zip(("dx", "dweight", "dbias"), fast[1:], ref[1:]):
+        assert got.shape == want.shape, name
+        assert _rel_err(got, want) < 1e-4, (name, _rel_err(got, want))
+
+
+def test_group_norm_fast_path_gradient_matches_float64_formula():
+    x, w, b, dy = _group_norm_case((3, 64, 5, 7), seed=1)
+    norm = gnn.GroupNorm32(32, 64)
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    xv = jt.array(x)
+    dx, dw, db = (g.numpy() for g in jt.grad((norm(xv) * jt.array(dy)).sum(), [xv, norm.weight, norm.bias]))
+    x64, w64, dy64 = x.astype(np.float64).reshape(3, 32, -1), w.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    xhat = ((x64 - mean) * rstd).reshape(x.shape)
+    dyhat = (dy64 * w64.reshape(1, 64, 1, 1)).reshape(3, 32, -1)
+    xh = xhat.reshape(3, 32, -1)
+    dx_ref = rstd * (dyhat - dyhat.mean(-1, keepdims=True) - xh * (dyhat * xh).mean(-1, keepdims=True))
+    assert _rel_err(dx, dx_ref.reshape(x.shape)) < 1e-4
+    assert _rel_err(dw, (dy64 * xhat).sum((0, 2, 3))) < 1e-4
+    assert _rel_err(db, dy64.sum((0, 2, 3))) < 1e-4
+
+
+def test_group_norm_fast_path_gradients_are_deterministic():
+    x, w, b, dy = _group_norm_case((4, 64, 6, 6), seed=2)
+    norm = gnn.GroupNorm32(32, 64)
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    runs = []
+    for _ in range(3):
+        xv = jt.array(x)
+        y = norm(xv)
+        runs.append([y.numpy()] + [g.numpy() for g in jt.grad((y * jt.array(dy)).sum(), [xv, norm.weight,
+                                                                                          norm.bias])])
+    for other in runs[1:]:
+        for a, r in zip(runs[0], other):
+            np.testing.assert_array_equal(a, r)
+
+
+def test_group_norm_fast_path_with_frozen_parameters_and_no_upstream_gradient():
+    x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=3)
+    norm = gnn.GroupNorm32(32, 64)
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    norm.weight.stop_grad()
+    norm.bias.stop_grad()
+    xv = jt.array(x)
+    dx = jt.grad((norm(xv) * jt.array(dy)).sum(), xv).numpy()
+    xr = jt.array(x)
+    yr = gnn._group_norm_ops(xr, jt.array(w), jt.array(b), 32, 1e-5)
+    assert _rel_err(dx, jt.grad((yr * jt.array(dy)).sum(), xr).numpy()) < 1e-4
+    fn = gnn._GroupNormCPU(32, 1e-5)
+    fn(jt.array(x).reshape((2, 64, 16)), jt.array(w), jt.array(b))
+    assert tuple(fn.grad(None)) == (None, None, None)
+
+
+def test_group_norm_float16_input_is_normalised_in_float32_and_cast_back():
+    x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=4)
+    norm = gnn.GroupNorm32(32, 64)
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    xv = jt.array(x).float16()
+    y = norm(xv)
+    assert y.dtype == "float16" and norm.weight.dtype == "float32"
+    dx, dw = jt.grad((y.float32() * jt.array(dy)).sum(), [xv, norm.weight])
+    assert dx.dtype == "float16" and dw.dtype == "float32"
+    x16 = x.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(y.numpy().astype(np.float32),
+                               _np_group_norm(x16, 32, w.astype(np.float64), b.astype(np.float64)), atol=2e-2)
+    assert np.isfinite(dx.numpy()).all() and np.abs(dw.numpy()).max() > 0
+
+
+def test_group_norm_in_checkpoint_gives_the_same_values_and_gradients_with_either_flag():
+    x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=5)
+    norm = gnn.GroupNorm32(32, 64)
+    norm.weight.assign(jt.array(w))
+    norm.bias.assign(jt.array(b))
+    results = []
+    for flag in (False, True):
+        xv = jt.array(x)
+        out = gnn.checkpoint(lambda v: norm(v) * 2.0, (xv,), norm.parameters(), flag)
+        grads = jt.grad((out * jt.array(dy)).sum(), [xv, norm.weight, norm.bias])
+        results.append([out.numpy()] + [g.numpy() for g in grads])
+    for a, r in zip(*results):
+        np.testing.assert_array_equal(a, r)
+
+
 def test_timestep_embedding_matches_reference_values():
     emb = gnn.timestep_embedding(jt.array(np.array([1, 999], dtype=np.int64)), 256).numpy()
     assert emb.shape == (2, 256) and emb.dtype == np.float32

@@ -77,3 +77,17 @@ def test_dit_attention_inference_path_matches_gradient_path():
     slow = models.scaled_dot_product_attention(q, k, v, 12 ** -0.5).numpy()
     assert np.abs(slow).max() > 0
     np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_attention_heads_cpu_matches_numpy_softmax_attention():
+    rng = np.random.RandomState(5)
+    q = rng.randn(6, 37, 8).astype(np.float32)
+    k = rng.randn(6, 8, 29).astype(np.float32)
+    v = rng.randn(6, 29, 8).astype(np.float32)
+    with jt.no_grad():
+        ours = gnn.attention_heads_cpu(jt.array(q), jt.array(k), jt.array(v)).numpy()
+    w = np.einsum("btd,bds->bts", q.astype(np.float64), k.astype(np.float64))
+    w = np.exp(w - w.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    ref = np.einsum("bts,bsd->btd", w, v.astype(np.float64))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

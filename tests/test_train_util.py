@@ -279,3 +279,21 @@ def test_classifier_loop_trains_on_noised_inputs_and_resumes(tmp_path):
     with open(tmp_path / "a" / "progress.csv") as f:
         header = f.readline()
     assert "train_acc@1" in header and "train_acc@5" in header and "train_loss" in header
+
+
+def test_fused_cpu_adamw_step_equals_jittor_adamw_over_several_steps_with_weight_decay():
+    rng = np.random.RandomState(4)
+    init = [rng.randn(300, 257).astype(np.float32), rng.randn(7).astype(np.float32)]  # one multi-threaded, one not
+    grads = [[rng.randn(*a.shape).astype(np.float32) for a in init] for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        params = [jt.array(a) for a in init]
+        opt = AdamW(params, lr=3e-2, weight_decay=0.1)
+        if not fused:
+            opt._fused_cpu_step = lambda: jt.optim.AdamW.step(opt)
+        for step_grads in grads:
+            opt.step_with_grads(params, [jt.array(g) for g in step_grads])
+        results.append([p.numpy() for p in params] + [m.numpy() for m in opt.param_groups[0]["m"]])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(results[0][0], init[0])

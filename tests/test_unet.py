@@ -349,8 +349,23 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(monkeypatch
         results.append([out.numpy()] + [g.numpy() for g in grads])
     plain, ckpt = results
     assert len(plain) == len(ckpt)
-    for a, b in zip(plain, ckpt):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(a).max())))
+    # The bias of a ResBlock's inner conv feeds a GroupNorm; with one channel per group the norm removes any
+    # per-channel shift, so that bias has an exactly zero gradient and what is computed is float32 rounding noise.
+    # The noise changes with the order in which gradient contributions are summed (which differs with and without
+    # checkpointing), so these are checked at the scale of the conv weight's gradient instead of their own.
+    names = ["out", "x"] + [name for name, _ in model.named_parameters()]
+    zero_grad = set()
+    for name, m in model.named_modules():
+        if isinstance(m, unet.ResBlock) and list(m.out_layers.layers.values())[0].num_groups == m.out_channels:
+            zero_grad.add(f"{name}.in_layers.{len(m.in_layers.layers) - 1}.bias")
+    assert zero_grad and zero_grad <= set(names)
+    for name, a, b in zip(names, plain, ckpt):
+        if name in zero_grad:
+            scale = float(np.abs(plain[names.index(name.replace(".bias", ".weight"))]).max())
+            assert np.abs(a).max() < 1e-5 * scale, name
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale, err_msg=name)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(a).max())), err_msg=name)
     assert all(np.abs(g).max() > 0 for g in plain[1:])
 
 
