@@ -108,9 +108,7 @@ def test_group_norm_fast_path_matches_op_by_op_values_and_gradients(monkeypatch,
 
 def test_group_norm_fast_path_gradient_matches_float64_formula():
     x, w, b, dy = _group_norm_case((3, 64, 5, 7), seed=1)
-    norm = gnn.GroupNorm32(32, 64)
-    norm.weight.assign(jt.array(w))
-    norm.bias.assign(jt.array(b))
+    norm = _group_norm_with(w, b)
     xv = jt.array(x)
     dx, dw, db = (g.numpy() for g in jt.grad((norm(xv) * jt.array(dy)).sum(), [xv, norm.weight, norm.bias]))
     x64, w64, dy64 = x.astype(np.float64).reshape(3, 32, -1), w.astype(np.float64), dy.astype(np.float64)
@@ -125,11 +123,16 @@ def test_group_norm_fast_path_gradient_matches_float64_formula():
     assert _rel_err(db, dy64.sum((0, 2, 3))) < 1e-4
 
 
-def test_group_norm_fast_path_gradients_are_deterministic():
-    x, w, b, dy = _group_norm_case((4, 64, 6, 6), seed=2)
+def _group_norm_with(w: np.ndarray, b: np.ndarray) -> gnn.GroupNorm32:
     norm = gnn.GroupNorm32(32, 64)
     norm.weight.assign(jt.array(w))
     norm.bias.assign(jt.array(b))
+    return norm
+
+
+def test_group_norm_fast_path_gradients_are_deterministic():
+    x, w, b, dy = _group_norm_case((4, 64, 6, 6), seed=2)
+    norm = _group_norm_with(w, b)
     runs = []
     for _ in range(3):
         xv = jt.array(x)
@@ -143,9 +146,7 @@ def test_group_norm_fast_path_gradients_are_deterministic():
 
 def test_group_norm_fast_path_with_frozen_parameters_and_no_upstream_gradient():
     x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=3)
-    norm = gnn.GroupNorm32(32, 64)
-    norm.weight.assign(jt.array(w))
-    norm.bias.assign(jt.array(b))
+    norm = _group_norm_with(w, b)
     norm.weight.stop_grad()
     norm.bias.stop_grad()
     xv = jt.array(x)
@@ -160,9 +161,7 @@ def test_group_norm_fast_path_with_frozen_parameters_and_no_upstream_gradient():
 
 def test_group_norm_float16_input_is_normalised_in_float32_and_cast_back():
     x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=4)
-    norm = gnn.GroupNorm32(32, 64)
-    norm.weight.assign(jt.array(w))
-    norm.bias.assign(jt.array(b))
+    norm = _group_norm_with(w, b)
     xv = jt.array(x).float16()
     y = norm(xv)
     assert y.dtype == "float16" and norm.weight.dtype == "float32"
@@ -176,9 +175,7 @@ def test_group_norm_float16_input_is_normalised_in_float32_and_cast_back():
 
 def test_group_norm_in_checkpoint_gives_the_same_values_and_gradients_with_either_flag():
     x, w, b, dy = _group_norm_case((2, 64, 4, 4), seed=5)
-    norm = gnn.GroupNorm32(32, 64)
-    norm.weight.assign(jt.array(w))
-    norm.bias.assign(jt.array(b))
+    norm = _group_norm_with(w, b)
     results = []
     for flag in (False, True):
         xv = jt.array(x)
