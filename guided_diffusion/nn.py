@@ -385,19 +385,24 @@ def timestep_embedding(timesteps: jt.Var, dim: int, max_period: float = 10000) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# One row's softmax: max, then exp (evaluated once per element) and sum in one sweep, then scale. Safe in place
+# (y == x); shared by the row-softmax kernel and the inference attention kernel.
+_SOFTMAX_ROW_HEADER = r"""
+#include <cmath>
+static inline void softmax_row(const float* x, float* y, size_t cols) {
+    float m = x[0];
+    for (size_t c = 1; c < cols; c++) m = x[c] > m ? x[c] : m;
+    float s = 0;
+    for (size_t c = 0; c < cols; c++) { const float e = std::exp(x[c] - m); y[c] = e; s += e; }
+    const float inv = 1.f / s;
+    for (size_t c = 0; c < cols; c++) y[c] *= inv;
+}
+"""
+
 _ROW_SOFTMAX_SRC = r"""
     const size_t rows = in0_shape0, cols = in0_shape1;
     #pragma omp parallel for schedule(static) if(rows * cols >= @MIN_PARALLEL)
-    for (size_t r = 0; r < rows; r++) {
-        const in0_type* __restrict__ xi = in0_p + r * cols;
-        out0_type* __restrict__ yo = out0_p + r * cols;
-        in0_type m = xi[0];
-        for (size_t c = 1; c < cols; c++) m = xi[c] > m ? xi[c] : m;
-        in0_type s = 0;
-        for (size_t c = 0; c < cols; c++) { in0_type e = std::exp(xi[c] - m); yo[c] = e; s += e; }
-        const in0_type inv = in0_type(1) / s;
-        for (size_t c = 0; c < cols; c++) yo[c] *= inv;
-    }
+    for (size_t r = 0; r < rows; r++) softmax_row(in0_p + r * cols, out0_p + r * cols, cols);
 """
 
 
@@ -407,7 +412,7 @@ class _RowSoftmax(jt.Function):
     def execute(self, x: jt.Var) -> jt.Var:
         x2 = x.reshape((-1, x.shape[-1]))
         src = _ROW_SOFTMAX_SRC.replace("@MIN_PARALLEL", str(_OMP_MIN_ELEMENTS))
-        y = jt.code(x2.shape, x2.dtype, [x2], cpu_src=src).reshape(x.shape)
+        y = jt.code(x2.shape, x2.dtype, [x2], cpu_header=_SOFTMAX_ROW_HEADER, cpu_src=src).reshape(x.shape)
         self.y = y
         return y
 
@@ -493,15 +498,13 @@ def batched_matmul(a: jt.Var, b: jt.Var, trans_a: bool = False, trans_b: bool = 
     return nn.matmul(a, b)
 
 
-_ATTENTION_HEADS_HEADER = r"""
+_ATTENTION_HEADS_HEADER = _SOFTMAX_ROW_HEADER + r"""
 #include <oneapi/dnnl/dnnl.h>
-#include <algorithm>
-#include <cmath>
 #include <vector>
 """
 
 # One OpenMP task per attention head: [T, S] weights = q @ k (oneDNN sgemm, run by the task's thread), the row
-# softmax of _ROW_SOFTMAX_SRC, then weights @ v. The weights live in a per-thread buffer kept between calls.
+# softmax, then weights @ v. The weights live in a per-thread buffer kept between calls.
 _ATTENTION_HEADS_SRC = r"""
     const int B = in0_shape0, T = in0_shape1, D = in0_shape2, S = in1_shape2;
     #pragma omp parallel
@@ -513,15 +516,7 @@ _ATTENTION_HEADS_SRC = r"""
         for (int b = 0; b < B; b++) {
             dnnl_sgemm('N', 'N', T, S, D, 1.0f, in0_p + size_t(b) * T * D, D, in1_p + size_t(b) * D * S, S, 0.0f,
                        w, S);
-            for (int t = 0; t < T; t++) {
-                float* row = w + size_t(t) * S;
-                float m = row[0];
-                for (int s = 1; s < S; s++) m = std::max(m, row[s]);
-                float sum = 0.f;
-                for (int s = 0; s < S; s++) { const float e = std::exp(row[s] - m); row[s] = e; sum += e; }
-                const float inv = 1.f / sum;
-                for (int s = 0; s < S; s++) row[s] *= inv;
-            }
+            for (int t = 0; t < T; t++) softmax_row(w + size_t(t) * S, w + size_t(t) * S, S);
             dnnl_sgemm('N', 'N', T, D, S, 1.0f, w, S, in2_p + size_t(b) * S * D, D, 0.0f,
                        out0_p + size_t(b) * T * D, D);
         }
