@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from . import logger  # noqa: E402
+from . import cpu_kernels, logger  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 
 INITIAL_LOG_LOSS_SCALE = 20.0
@@ -263,9 +263,11 @@ class MixedPrecisionTrainer:
         return True
 
     def _compute_norms(self, grads: Sequence[jt.Var], grad_scale: float = 1.0) -> Tuple[float, float]:
-        sq = [p.float32().sqr().sum().reshape(1) for p in self.master_params]
-        sq += [g.float32().sqr().sum().reshape(1) for g in grads]
-        values = jt.concat(sq).numpy().astype(np.float64)
+        tensors = list(self.master_params) + list(grads)
+        if not jt.flags.use_cuda and all(t.dtype == "float32" for t in tensors):
+            values = cpu_kernels.sum_of_squares(tensors).numpy()
+        else:
+            values = jt.concat([t.float32().sqr().sum().reshape(1) for t in tensors]).numpy().astype(np.float64)
         n = len(self.master_params)
         param_norm = math.sqrt(float(values[:n].sum()))
         grad_norm = math.sqrt(float(values[n:].sum())) / grad_scale

@@ -15,15 +15,14 @@ import numpy as np
 import jittor as jt
 from jittor import nn
 
-from . import winograd
+from . import cpu_kernels, winograd
 
 
 _CHECKPOINT_FORWARD_DEPTH = [0]
 
 # The fused CPU kernels below (group norm, row softmax) split their work over OpenMP threads: one task per
-# (sample, group) or per row, each reduced by one thread, so results do not depend on the thread count. Tensors with
-# fewer elements than this run on one thread, where waking the others would cost more than it saves.
-_OMP_MIN_ELEMENTS = 1 << 15
+# (sample, group) or per row, each reduced by one thread, so results do not depend on the thread count.
+_OMP_MIN_ELEMENTS = cpu_kernels.OMP_MIN_ELEMENTS
 
 
 def _inference_only() -> bool:
@@ -36,9 +35,11 @@ def _inference_only() -> bool:
 
 
 class SiLU(nn.Module):
-    """x * sigmoid(x); kept for parity with the reference (which also does not use it)."""
+    """x * sigmoid(x), as torch.nn.SiLU; on the CPU in float32 one multi-threaded kernel each way."""
 
     def execute(self, x: jt.Var) -> jt.Var:
+        if not jt.flags.use_cuda and x.dtype == "float32":
+            return cpu_kernels.silu(x)
         return x * jt.sigmoid(x)
 
 
@@ -267,32 +268,55 @@ class AvgPoolNd(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """Jittor's Conv2d (same parameters and state-dict keys) with a Winograd fast path for CPU inference.
+    """Jittor's Conv2d (same parameters and state-dict keys) with fast CPU paths.
 
-    Without gradients, on the CPU, a 3x3 stride-1 padding-1 convolution with enough tiles and channels runs as Winograd
-    F(2x2, 3x3) (`guided_diffusion.winograd`), which does 2.25x fewer multiplies than oneDNN's direct convolution;
-    training and CUDA use Jittor's convolution unchanged.
+    On the CPU in float32, a 3x3 stride-1 padding-1 convolution with enough tiles and channels runs as Winograd
+    F(2x2, 3x3) (`guided_diffusion.winograd`), which does 2.25x fewer multiplies than oneDNN's direct convolution:
+    forward only without gradients, otherwise with a Winograd input gradient and weight gradient as well. Other
+    convolutions are oneDNN's (through Jittor) with the bias added by one fused kernel; CUDA is Jittor's unchanged.
     """
 
     def execute(self, x: jt.Var) -> jt.Var:
-        if (
-            _inference_only()
-            and winograd.winograd_applies(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-            and winograd.winograd_pays(x, self.weight)
-        ):
-            return winograd.winograd_conv3x3(x, self.weight, self.bias)
+        if (winograd.winograd_applies(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+                and winograd.winograd_pays(x, self.weight)):
+            if _inference_only():
+                return winograd.winograd_conv3x3(x, self.weight, self.bias)
+            if self.bias is not None and self.bias.dtype == "float32":
+                return winograd.winograd_conv3x3_with_grad(x, self.weight, self.bias)
+        if _fused_bias_applies(x, self.weight, self.bias):
+            y = nn.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+            return cpu_kernels.channel_bias_add(y, self.bias)
         return super().execute(x)
+
+
+class Conv1d(nn.Conv1d):
+    """Jittor's Conv1d (same parameters; keys in PyTorch's order) whose bias is added by one fused CPU kernel."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Jittor's Conv1d registers `bias` before `weight`; re-insert it so the parameter order (state_dict,
+        # named_parameters) is PyTorch's: weight, then bias.
+        bias = self.__dict__.pop("bias")
+        self.bias = bias
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        if x.ndim == 3 and _fused_bias_applies(x, self.weight, self.bias):
+            y = nn.conv2d(x.unsqueeze(-1), self.weight.unsqueeze(-1), None, self.stride, self.padding,
+                          self.dilation, self.groups)
+            return cpu_kernels.channel_bias_add(y.squeeze(-1), self.bias)
+        return super().execute(x)
+
+
+def _fused_bias_applies(x: jt.Var, weight: jt.Var, bias) -> bool:
+    """Whether a convolution's bias may be added by `cpu_kernels.channel_bias_add` (CPU, float32 throughout)."""
+    return (bias is not None and not jt.flags.use_cuda
+            and x.dtype == "float32" and weight.dtype == "float32" and bias.dtype == "float32")
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     """Create a 1D, 2D, or 3D convolution module (Jittor's inits: U(+-1/sqrt(fan_in)) as PyTorch's)."""
     if dims == 1:
-        conv = nn.Conv1d(*args, **kwargs)
-        # Jittor's Conv1d registers `bias` before `weight`; re-insert it so the parameter order (state_dict,
-        # named_parameters) is PyTorch's: weight, then bias.
-        bias = conv.__dict__.pop("bias")
-        conv.bias = bias
-        return conv
+        return Conv1d(*args, **kwargs)
     elif dims == 2:
         return Conv2d(*args, **kwargs)
     elif dims == 3:
@@ -385,20 +409,6 @@ def timestep_embedding(timesteps: jt.Var, dim: int, max_period: float = 10000) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# One row's softmax: max, then exp (evaluated once per element) and sum in one sweep, then scale. Safe in place
-# (y == x); shared by the row-softmax kernel and the inference attention kernel.
-_SOFTMAX_ROW_HEADER = r"""
-#include <cmath>
-static inline void softmax_row(const float* x, float* y, size_t cols) {
-    float m = x[0];
-    for (size_t c = 1; c < cols; c++) m = x[c] > m ? x[c] : m;
-    float s = 0;
-    for (size_t c = 0; c < cols; c++) { const float e = std::exp(x[c] - m); y[c] = e; s += e; }
-    const float inv = 1.f / s;
-    for (size_t c = 0; c < cols; c++) y[c] *= inv;
-}
-"""
-
 _ROW_SOFTMAX_SRC = r"""
     const size_t rows = in0_shape0, cols = in0_shape1;
     #pragma omp parallel for schedule(static) if(rows * cols >= @MIN_PARALLEL)
@@ -412,7 +422,7 @@ class _RowSoftmax(jt.Function):
     def execute(self, x: jt.Var) -> jt.Var:
         x2 = x.reshape((-1, x.shape[-1]))
         src = _ROW_SOFTMAX_SRC.replace("@MIN_PARALLEL", str(_OMP_MIN_ELEMENTS))
-        y = jt.code(x2.shape, x2.dtype, [x2], cpu_header=_SOFTMAX_ROW_HEADER, cpu_src=src).reshape(x.shape)
+        y = jt.code(x2.shape, x2.dtype, [x2], cpu_header=cpu_kernels.SOFTMAX_ROW_HEADER, cpu_src=src).reshape(x.shape)
         self.y = y
         return y
 
@@ -498,7 +508,7 @@ def batched_matmul(a: jt.Var, b: jt.Var, trans_a: bool = False, trans_b: bool = 
     return nn.matmul(a, b)
 
 
-_ATTENTION_HEADS_HEADER = _SOFTMAX_ROW_HEADER + r"""
+_ATTENTION_HEADS_HEADER = cpu_kernels.SOFTMAX_ROW_HEADER + r"""
 #include <oneapi/dnnl/dnnl.h>
 #include <vector>
 """
@@ -534,6 +544,29 @@ def attention_heads_cpu(q: jt.Var, k: jt.Var, v: jt.Var) -> jt.Var:
                    cpu_header=_ATTENTION_HEADS_HEADER, cpu_src=_ATTENTION_HEADS_SRC).cast(q.dtype)
 
 
+def qkv_attention(qkv: jt.Var, n_heads: int, legacy: bool) -> jt.Var:
+    """ADM's QKV attention, [N x 3*H*C x T] -> [N x H*C x T]; `legacy` picks QKVAttentionLegacy's channel order.
+
+    The legacy order holds [q | k | v] per head, the new one [q of all heads | k | v]. On the CPU in float32 this is
+    one fused kernel per direction (`cpu_kernels.qkv_attention`, reading q, k and v straight from qkv); elsewhere
+    `attention_qkv` on the sliced heads.
+    """
+    bs, width, length = qkv.shape
+    assert width % (3 * n_heads) == 0
+    ch = width // (3 * n_heads)
+    scale = 1 / np.sqrt(np.sqrt(ch))
+    if _use_onednn(qkv):
+        return cpu_kernels.qkv_attention(qkv, n_heads, legacy, scale, with_grad=not _inference_only())
+    if legacy:
+        qkv = qkv.reshape((bs * n_heads, ch * 3, length))
+        q, k, v = qkv[:, :ch], qkv[:, ch : 2 * ch], qkv[:, 2 * ch :]
+    else:
+        hc = n_heads * ch
+        shape = (bs * n_heads, ch, length)
+        q, k, v = (part.reshape(shape) for part in (qkv[:, :hc], qkv[:, hc : 2 * hc], qkv[:, 2 * hc :]))
+    return attention_qkv(q, k, v, scale).reshape((bs, -1, length))
+
+
 def attention_qkv(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
     """ADM attention core on [B, ch, T] inputs: softmax_s(sum_c (q*scale)(k*scale)) applied to v -> [B, ch, T].
 
@@ -546,23 +579,22 @@ def attention_qkv(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
     """
     qs = (q * scale).cast(q.dtype)
     ks = (k * scale).cast(k.dtype)
-    if not _use_onednn(qs, ks, v):
-        weight = batched_matmul(qs, ks, trans_a=True, trans_b=False)  # [B, T, S]
-        weight = nn.softmax(weight.float32(), dim=-1).cast(weight.dtype)
-        return batched_matmul(v, weight, trans_a=False, trans_b=True)  # [B, ch, T]
-    qt = qs.transpose((0, 2, 1))  # [B, T, ch]
-    vt = v.transpose((0, 2, 1))  # [B, S, ch]
-    if _inference_only():
-        out_t = attention_heads_cpu(qt, ks, vt)  # [B, T, ch]
-    else:
-        weight = softmax_last(batched_matmul(qt, ks))  # [B, T, S]
-        out_t = batched_matmul(weight, vt)  # [B, T, ch]
-    return out_t.transpose((0, 2, 1))
+    weight = batched_matmul(qs, ks, trans_a=True, trans_b=False)  # [B, T, S]
+    weight = softmax_last(weight)
+    return batched_matmul(v, weight, trans_a=False, trans_b=True)  # [B, ch, T]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient checkpointing
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def scale_shift(h: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
+    """h * (1 + scale) + shift, ResBlock's FiLM conditioning; one fused kernel each way on the CPU in float32."""
+    if (not jt.flags.use_cuda and all(v.dtype == "float32" for v in (h, scale, shift))
+            and tuple(scale.shape) == tuple(shift.shape) == tuple(h.shape[:2]) + (1,) * (h.ndim - 2)):
+        return cpu_kernels.scale_shift(h, scale, shift)
+    return h * (1 + scale) + shift
 
 
 def checkpoint(func: Callable, inputs: Sequence[jt.Var], params: Iterable[jt.Var], flag: bool):

@@ -23,12 +23,14 @@ from jittor import nn
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
-    attention_qkv,
+    SiLU,
     avg_pool_nd,
     checkpoint,
     conv_nd,
     linear,
     normalization,
+    qkv_attention,
+    scale_shift,
     timestep_embedding,
     zero_module,
 )
@@ -202,7 +204,7 @@ class ResBlock(TimestepBlock):
 
         self.in_layers = nn.Sequential(
             normalization(channels),
-            nn.SiLU(),
+            SiLU(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
 
@@ -218,12 +220,12 @@ class ResBlock(TimestepBlock):
             self.h_upd = self.x_upd = nn.Identity()
 
         self.emb_layers = nn.Sequential(
-            nn.SiLU(),
+            SiLU(),
             linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            SiLU(),
             # torch modules start in training mode; Jittor's Dropout would start in eval mode.
             nn.Dropout(p=dropout, is_train=True),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
@@ -258,7 +260,7 @@ class ResBlock(TimestepBlock):
             out_norm, out_rest = out_layers[0], out_layers[1:]
             c = self.out_channels
             scale, shift = emb_out[:, :c], emb_out[:, c:]
-            h = out_norm(h) * (1 + scale) + shift
+            h = scale_shift(out_norm(h), scale, shift)
             for layer in out_rest:
                 h = layer(h)
         else:
@@ -345,14 +347,7 @@ class QKVAttentionLegacy(nn.Module):
 
     def execute(self, qkv: jt.Var) -> jt.Var:
         """Apply QKV attention: [N x (H * 3 * C) x T] -> [N x (H * C) x T]."""
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        qkv = qkv.reshape((bs * self.n_heads, ch * 3, length))
-        q, k, v = qkv[:, :ch], qkv[:, ch : 2 * ch], qkv[:, 2 * ch :]
-        scale = 1 / np.sqrt(np.sqrt(ch))
-        a = attention_qkv(q, k, v, scale)
-        return a.reshape((bs, -1, length))
+        return qkv_attention(qkv, self.n_heads, legacy=True)
 
     @staticmethod
     def count_flops(model, _x, y):
@@ -368,15 +363,7 @@ class QKVAttention(nn.Module):
 
     def execute(self, qkv: jt.Var) -> jt.Var:
         """Apply QKV attention: [N x (3 * H * C) x T] -> [N x (H * C) x T]."""
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        hc = self.n_heads * ch
-        q, k, v = qkv[:, :hc], qkv[:, hc : 2 * hc], qkv[:, 2 * hc :]
-        shape = (bs * self.n_heads, ch, length)
-        scale = 1 / np.sqrt(np.sqrt(ch))
-        a = attention_qkv(q.reshape(shape), k.reshape(shape), v.reshape(shape), scale)
-        return a.reshape((bs, -1, length))
+        return qkv_attention(qkv, self.n_heads, legacy=False)
 
     @staticmethod
     def count_flops(model, _x, y):
@@ -567,7 +554,7 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             linear(model_channels, time_embed_dim),
-            nn.SiLU(),
+            SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
 
@@ -631,7 +618,7 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(
             normalization(ch),
-            nn.SiLU(),
+            SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
 
@@ -755,7 +742,7 @@ class EncoderUNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             linear(model_channels, time_embed_dim),
-            nn.SiLU(),
+            SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
 
@@ -771,7 +758,7 @@ class EncoderUNetModel(nn.Module):
         if pool == "adaptive":
             self.out = nn.Sequential(
                 normalization(ch),
-                nn.SiLU(),
+                SiLU(),
                 nn.AdaptiveAvgPool2d((1, 1)),
                 zero_module(conv_nd(dims, ch, out_channels, 1)),
                 nn.Flatten(),
@@ -780,7 +767,7 @@ class EncoderUNetModel(nn.Module):
             assert num_head_channels != -1
             self.out = nn.Sequential(
                 normalization(ch),
-                nn.SiLU(),
+                SiLU(),
                 AttentionPool2d((image_size // ds), ch, num_head_channels, out_channels),
             )
         elif pool == "spatial":
@@ -793,7 +780,7 @@ class EncoderUNetModel(nn.Module):
             self.out = nn.Sequential(
                 nn.Linear(self._feature_size, 2048),
                 normalization(2048),
-                nn.SiLU(),
+                SiLU(),
                 nn.Linear(2048, self.out_channels),
             )
         else:

@@ -55,15 +55,17 @@ def test_softmax_last_matches_numpy_with_gradient():
     np.testing.assert_allclose(gx, ref * (g - (g * ref).sum(-1, keepdims=True)), atol=1e-6)
 
 
-def test_attention_qkv_inference_path_matches_gradient_path():
+@pytest.mark.parametrize("legacy", [True, False])
+def test_qkv_attention_inference_path_matches_gradient_path(legacy):
     rng = np.random.RandomState(2)
-    q, k, v = (jt.array(rng.randn(6, 16, 40).astype(np.float32)) for _ in range(3))
-    scale = 1 / np.sqrt(np.sqrt(16))
+    qkv = rng.randn(2, 3 * 3 * 16, 40).astype(np.float32)
     with jt.no_grad():
-        fast = gnn.attention_qkv(q, k, v, scale).numpy()
-    slow = gnn.attention_qkv(q, k, v, scale).numpy()
-    assert np.abs(slow).max() > 0
-    np.testing.assert_allclose(fast, slow, atol=1e-5)
+        fast = gnn.qkv_attention(jt.array(qkv), 3, legacy).numpy()
+    x = jt.array(qkv)
+    slow = gnn.qkv_attention(x, 3, legacy)
+    assert jt.grad(slow.sum(), x).numpy().any()
+    assert np.abs(slow.numpy()).max() > 0
+    np.testing.assert_allclose(fast, slow.numpy(), atol=1e-5)
 
 
 def test_dit_attention_inference_path_matches_gradient_path():

@@ -1,0 +1,363 @@
+"""
+Fused CPU kernels (OpenMP, oneDNN sgemm) for the UNet's training step and sampling loop.
+
+Jittor runs elementwise ops and reductions on the CPU as single-threaded kernels, one per op, and reduces over
+non-contiguous axes slowly; the conv-bias and FiLM gradients and the attention's per-head matmuls then cost as much
+as a quarter of a training step. Each function here does one such piece as one multi-threaded kernel per direction,
+deterministic (every sum is taken by one thread in a fixed order, so results do not depend on the thread count) and
+equal to the op-by-op computation up to float32 rounding. Callers (`guided_diffusion.nn`) use them only on the CPU
+with float32 inputs; CUDA keeps Jittor's own ops.
+"""
+
+from typing import List, Sequence
+
+import jittor as jt
+
+# Tensors with fewer elements than this run on one thread, where waking the others would cost more than it saves.
+OMP_MIN_ELEMENTS = 1 << 15
+
+# One row's softmax: max, then exp (evaluated once per element) and sum in one sweep, then scale. Safe in place
+# (y == x); shared by the row-softmax kernel and the attention kernels.
+SOFTMAX_ROW_HEADER = r"""
+#include <cmath>
+static inline void softmax_row(const float* x, float* y, size_t cols) {
+    float m = x[0];
+    for (size_t c = 1; c < cols; c++) m = x[c] > m ? x[c] : m;
+    float s = 0;
+    for (size_t c = 0; c < cols; c++) { const float e = std::exp(x[c] - m); y[c] = e; s += e; }
+    const float inv = 1.f / s;
+    for (size_t c = 0; c < cols; c++) y[c] *= inv;
+}
+"""
+
+
+def _src(template: str, **values) -> str:
+    out = template.replace("@MIN_PARALLEL", str(OMP_MIN_ELEMENTS))
+    for key, value in values.items():
+        out = out.replace("@" + key, str(value))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-channel bias of a convolution: y[n, c, ...] = x[n, c, ...] + bias[c]
+# ---------------------------------------------------------------------------------------------------------------
+
+_BIAS_ADD_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1;
+    const size_t S = in0->num / (size_t(N) * C);
+    #pragma omp parallel for schedule(static) if(in0->num >= @MIN_PARALLEL)
+    for (int p = 0; p < N * C; p++) {
+        const float b = in1_p[p % C];
+        const float* __restrict__ x = in0_p + size_t(p) * S;
+        float* __restrict__ y = out0_p + size_t(p) * S;
+        for (size_t i = 0; i < S; i++) y[i] = x[i] + b;
+    }
+"""
+
+# dbias[c] = sum over n and the spatial axes of dy; one task per channel.
+_BIAS_GRAD_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1;
+    const size_t S = in0->num / (size_t(N) * C);
+    #pragma omp parallel for schedule(static) if(in0->num >= @MIN_PARALLEL)
+    for (int c = 0; c < C; c++) {
+        double acc = 0;
+        for (int n = 0; n < N; n++) {
+            const float* __restrict__ g = in0_p + (size_t(n) * C + c) * S;
+            for (size_t i = 0; i < S; i++) acc += g[i];
+        }
+        out0_p[c] = float(acc);
+    }
+"""
+
+
+class _ChannelBiasAdd(jt.Function):
+    def execute(self, x: jt.Var, bias: jt.Var) -> jt.Var:
+        return jt.code(x.shape, x.dtype, [x, bias], cpu_src=_src(_BIAS_ADD_SRC))
+
+    def grad(self, dy: jt.Var):
+        if dy is None:
+            return None, None
+        return dy, channel_bias_grad(dy)
+
+
+def channel_bias_grad(dy: jt.Var) -> jt.Var:
+    """The gradient of a per-channel bias, dy summed over every axis but 1, as one kernel."""
+    return jt.code((dy.shape[1],), "float32", [dy], cpu_src=_src(_BIAS_GRAD_SRC))
+
+
+def channel_bias_add(x: jt.Var, bias: jt.Var) -> jt.Var:
+    """x + bias[c] over float32 [N, C, ...]; its bias gradient is one kernel instead of Jittor's slow axis reduce."""
+    return _ChannelBiasAdd()(x, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SiLU: y = x * sigmoid(x)
+# ---------------------------------------------------------------------------------------------------------------
+
+_SILU_SRC = r"""
+    const size_t n = in0->num;
+    #pragma omp parallel for schedule(static) if(n >= @MIN_PARALLEL)
+    for (size_t i = 0; i < n; i++) {
+        const float x = in0_p[i];
+        out0_p[i] = x * (1.0f / (1.0f + std::exp(-x)));
+    }
+"""
+
+# dx = dy * s * (1 + x * (1 - s)) with s = sigmoid(x).
+_SILU_GRAD_SRC = r"""
+    const size_t n = in0->num;
+    #pragma omp parallel for schedule(static) if(n >= @MIN_PARALLEL)
+    for (size_t i = 0; i < n; i++) {
+        const float x = in0_p[i], s = 1.0f / (1.0f + std::exp(-x));
+        out0_p[i] = in1_p[i] * (s * (1.0f + x * (1.0f - s)));
+    }
+"""
+
+
+class _SiLU(jt.Function):
+    def execute(self, x: jt.Var) -> jt.Var:
+        self.x = x
+        return jt.code(x.shape, x.dtype, [x], cpu_header="#include <cmath>", cpu_src=_src(_SILU_SRC))
+
+    def grad(self, dy: jt.Var):
+        if dy is None:
+            return None
+        return jt.code(self.x.shape, "float32", [self.x, dy], cpu_header="#include <cmath>",
+                       cpu_src=_src(_SILU_GRAD_SRC))
+
+
+def silu(x: jt.Var) -> jt.Var:
+    """x * sigmoid(x) of a float32 tensor, one multi-threaded kernel each way."""
+    return _SiLU()(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FiLM: y = h * (1 + scale) + shift with per-(n, c) scale and shift (ResBlock's use_scale_shift_norm)
+# ---------------------------------------------------------------------------------------------------------------
+
+_SCALE_SHIFT_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1;
+    const size_t S = in0->num / (size_t(N) * C);
+    #pragma omp parallel for schedule(static) if(in0->num >= @MIN_PARALLEL)
+    for (int p = 0; p < N * C; p++) {
+        const float a = 1.0f + in1_p[p], b = in2_p[p];
+        const float* __restrict__ h = in0_p + size_t(p) * S;
+        float* __restrict__ y = out0_p + size_t(p) * S;
+        for (size_t i = 0; i < S; i++) y[i] = h[i] * a + b;
+    }
+"""
+
+# Inputs h, scale, dy; outputs dh = dy * (1 + scale), dscale = sum_s dy * h, dshift = sum_s dy (per (n, c)).
+_SCALE_SHIFT_GRAD_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1;
+    const size_t S = in0->num / (size_t(N) * C);
+    #pragma omp parallel for schedule(static) if(in0->num >= @MIN_PARALLEL)
+    for (int p = 0; p < N * C; p++) {
+        const float a = 1.0f + in1_p[p];
+        const float* __restrict__ h = in0_p + size_t(p) * S;
+        const float* __restrict__ g = in2_p + size_t(p) * S;
+        float* __restrict__ dh = out0_p + size_t(p) * S;
+        double gh = 0, gs = 0;
+        for (size_t i = 0; i < S; i++) {
+            dh[i] = g[i] * a;
+            gh += double(g[i]) * h[i];
+            gs += g[i];
+        }
+        out1_p[p] = float(gh);
+        out2_p[p] = float(gs);
+    }
+"""
+
+
+class _ScaleShift(jt.Function):
+    def execute(self, h: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
+        self.saved = (h, scale)
+        return jt.code(h.shape, h.dtype, [h, scale, shift], cpu_src=_src(_SCALE_SHIFT_SRC))
+
+    def grad(self, dy: jt.Var):
+        if dy is None:
+            return None, None, None
+        h, scale = self.saved
+        dh, dscale, dshift = jt.code([h.shape, scale.shape, scale.shape], ["float32"] * 3, [h, scale, dy],
+                                     cpu_src=_src(_SCALE_SHIFT_GRAD_SRC))
+        return dh, dscale, dshift
+
+
+def scale_shift(h: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
+    """h * (1 + scale) + shift for float32 h [N, C, ...] and scale, shift [N, C, 1, ...], one kernel each way."""
+    return _ScaleShift()(h, scale, shift)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QKV attention of the UNet, straight from the qkv projection [N, 3 * H * ch, T]
+# ---------------------------------------------------------------------------------------------------------------
+
+# Where head b = n * H + h finds its q, k and v ([ch, T] each, row stride T) inside qkv [N, 3 * H * ch, T]: the
+# legacy order keeps [q | k | v] per head, the new order [q of all heads | k | v].
+_QKV_HEADER = SOFTMAX_ROW_HEADER + r"""
+#include <oneapi/dnnl/dnnl.h>
+#include <vector>
+static inline void head_offsets(int b, int H, size_t D, size_t T, bool legacy, size_t* q, size_t* k, size_t* v) {
+    const size_t n = b / H, h = b % H;
+    if (legacy) {
+        *q = (size_t(b) * 3) * D * T;
+        *k = *q + D * T;
+        *v = *k + D * T;
+    } else {
+        *q = (n * 3 * H + h) * D * T;
+        *k = *q + size_t(H) * D * T;
+        *v = *k + size_t(H) * D * T;
+    }
+}
+static inline void transpose_into(const float* __restrict__ a, float* __restrict__ at, size_t rows, size_t cols) {
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < cols; c++) at[c * rows + r] = a[r * cols + c];
+}
+static inline float* grow(std::vector<float>& buf, size_t n) {
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+"""
+
+# Per head (one OpenMP task): W = softmax(ALPHA * q^T k) [T, T] (saved when @SAVE_WEIGHTS), out = v W^T written as
+# [ch, T] into the head's channels of out [N, H * ch, T]. Only plain (non-transposed) sgemms, on transposed copies
+# held in per-thread buffers.
+_QKV_FORWARD_SRC = r"""
+    const int N = in0_shape0, H = @HEADS;
+    const size_t T = in0_shape2, D = in0_shape1 / (3 * H);
+    const bool legacy = @LEGACY;
+    #pragma omp parallel
+    {
+        static thread_local std::vector<float> qt_buf, vt_buf, w_buf, ot_buf;
+        float* __restrict__ qt = grow(qt_buf, T * D);
+        float* __restrict__ vt = grow(vt_buf, T * D);
+        float* __restrict__ ot = grow(ot_buf, T * D);
+        float* __restrict__ wtmp = @SAVE_WEIGHTS ? nullptr : grow(w_buf, T * T);
+        #pragma omp for schedule(static)
+        for (int b = 0; b < N * H; b++) {
+            size_t oq, ok, ov;
+            head_offsets(b, H, D, T, legacy, &oq, &ok, &ov);
+            float* __restrict__ w = @SAVE_WEIGHTS ? @WEIGHTS_OUT + size_t(b) * T * T : wtmp;
+            transpose_into(in0_p + oq, qt, D, T);
+            dnnl_sgemm('N', 'N', T, T, D, @ALPHA, qt, D, in0_p + ok, T, 0.0f, w, T);
+            for (size_t t = 0; t < T; t++) softmax_row(w + t * T, w + t * T, T);
+            transpose_into(in0_p + ov, vt, D, T);
+            dnnl_sgemm('N', 'N', T, D, T, 1.0f, w, T, vt, D, 0.0f, ot, D);
+            transpose_into(ot, out0_p + size_t(b) * D * T, T, D);
+        }
+    }
+"""
+
+# Inputs qkv, W [N * H, T, T], dout [N, H * ch, T]; output dqkv (same layout as qkv). Per head, with G = dout's
+# [ch, T] block and P = softmax input:
+#   dv = G W,  dW = G^T v,  dP = W * (dW - rowsum(dW * W)),  dk = ALPHA q dP,  dq = ALPHA k dP^T.
+_QKV_BACKWARD_SRC = r"""
+    const int N = in0_shape0, H = @HEADS;
+    const size_t T = in0_shape2, D = in0_shape1 / (3 * H);
+    const bool legacy = @LEGACY;
+    #pragma omp parallel
+    {
+        static thread_local std::vector<float> gt_buf, dp_buf, kt_buf, dqt_buf;
+        float* __restrict__ gt = grow(gt_buf, T * D);
+        float* __restrict__ dp = grow(dp_buf, T * T);
+        float* __restrict__ kt = grow(kt_buf, T * D);
+        float* __restrict__ dqt = grow(dqt_buf, T * D);
+        #pragma omp for schedule(static)
+        for (int b = 0; b < N * H; b++) {
+            size_t oq, ok, ov;
+            head_offsets(b, H, D, T, legacy, &oq, &ok, &ov);
+            const float* __restrict__ w = in1_p + size_t(b) * T * T;
+            const float* __restrict__ g = in2_p + size_t(b) * D * T;
+            dnnl_sgemm('N', 'N', D, T, T, 1.0f, g, T, w, T, 0.0f, out0_p + ov, T);
+            transpose_into(g, gt, D, T);
+            dnnl_sgemm('N', 'N', T, T, D, 1.0f, gt, D, in0_p + ov, T, 0.0f, dp, T);
+            for (size_t t = 0; t < T; t++) {
+                float* __restrict__ row = dp + t * T;
+                const float* __restrict__ wr = w + t * T;
+                float dot = 0;
+                for (size_t s = 0; s < T; s++) dot += row[s] * wr[s];
+                for (size_t s = 0; s < T; s++) row[s] = wr[s] * (row[s] - dot);
+            }
+            dnnl_sgemm('N', 'N', D, T, T, @ALPHA, in0_p + oq, T, dp, T, 0.0f, out0_p + ok, T);
+            transpose_into(in0_p + ok, kt, D, T);
+            dnnl_sgemm('N', 'N', T, D, T, @ALPHA, dp, T, kt, D, 0.0f, dqt, D);
+            transpose_into(dqt, out0_p + oq, T, D);
+        }
+    }
+"""
+
+
+def _qkv_src(template: str, heads: int, legacy: bool, scale: float, save_weights: bool = False) -> str:
+    alpha = float(scale) * float(scale)
+    return _src(template, HEADS=int(heads), LEGACY="true" if legacy else "false", ALPHA=f"float({alpha!r})",
+                SAVE_WEIGHTS="true" if save_weights else "false", WEIGHTS_OUT="out1_p" if save_weights else "out0_p")
+
+
+def _qkv_out_shape(qkv: jt.Var, heads: int) -> tuple:
+    n, width, length = qkv.shape
+    return (n, width // 3, length)
+
+
+class _QKVAttention(jt.Function):
+    def __init__(self, heads: int, legacy: bool, scale: float):
+        self.heads, self.legacy, self.scale = int(heads), bool(legacy), float(scale)
+
+    def execute(self, qkv: jt.Var) -> jt.Var:
+        n, _, length = qkv.shape
+        src = _qkv_src(_QKV_FORWARD_SRC, self.heads, self.legacy, self.scale, save_weights=True)
+        out, weights = jt.code([_qkv_out_shape(qkv, self.heads), (n * self.heads, length, length)],
+                               ["float32", "float32"], [qkv], cpu_header=_QKV_HEADER, cpu_src=src)
+        self.saved = (qkv, weights)
+        return out
+
+    def grad(self, dout: jt.Var):
+        if dout is None:
+            return None
+        qkv, weights = self.saved
+        src = _qkv_src(_QKV_BACKWARD_SRC, self.heads, self.legacy, self.scale)
+        return jt.code(qkv.shape, "float32", [qkv, weights, dout.float32()], cpu_header=_QKV_HEADER, cpu_src=src)
+
+
+def qkv_attention(qkv: jt.Var, heads: int, legacy: bool, scale: float, with_grad: bool) -> jt.Var:
+    """ADM attention of float32 qkv [N, 3 * H * ch, T] -> [N, H * ch, T], one kernel per direction.
+
+    softmax((q * scale)^T (k * scale)) applied to v for each head, with the q/k/v channel order of
+    QKVAttentionLegacy (`legacy`) or QKVAttention. Without `with_grad` the [T, T] weights stay in a per-thread buffer.
+    """
+    if with_grad:
+        return _QKVAttention(heads, legacy, scale)(qkv)
+    src = _qkv_src(_QKV_FORWARD_SRC, heads, legacy, scale)
+    return jt.code(_qkv_out_shape(qkv, heads), "float32", [qkv], cpu_header=_QKV_HEADER, cpu_src=src)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sums of squares of many tensors (the trainer's parameter and gradient norms)
+# ---------------------------------------------------------------------------------------------------------------
+
+_SUM_SQUARES_SRC = r"""
+    const float* ptrs[] = {@POINTERS};
+    const size_t nums[] = {@NUMS};
+    const int count = @COUNT;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < count; i++) {
+        const float* __restrict__ x = ptrs[i];
+        double acc = 0;
+        for (size_t j = 0; j < nums[i]; j++) acc += double(x[j]) * x[j];
+        out0_p[i] = acc;
+    }
+"""
+
+# Inputs per kernel: bounds the generated source; a model's tensors are reduced in a few calls.
+_SUM_SQUARES_CHUNK = 64
+
+
+def sum_of_squares(tensors: Sequence[jt.Var]) -> jt.Var:
+    """float64 [len(tensors)] of each float32 tensor's sum of squares, a few kernels for a whole model."""
+    parts: List[jt.Var] = []
+    for start in range(0, len(tensors), _SUM_SQUARES_CHUNK):
+        chunk = list(tensors[start : start + _SUM_SQUARES_CHUNK])
+        src = _src(_SUM_SQUARES_SRC, COUNT=len(chunk),
+                   POINTERS=", ".join(f"in{i}_p" for i in range(len(chunk))),
+                   NUMS=", ".join(f"size_t(in{i}->num)" for i in range(len(chunk))))
+        parts.append(jt.code((len(chunk),), "float64", chunk, cpu_src=src))
+    return parts[0] if len(parts) == 1 else jt.concat(parts)
