@@ -284,6 +284,8 @@ class Conv2d(nn.Conv2d):
             if self.bias is not None and self.bias.dtype == "float32":
                 return winograd.winograd_conv3x3_with_grad(x, self.weight, self.bias)
         if _fused_bias_applies(x, self.weight, self.bias):
+            if _inference_only() and _is_pointwise(self):
+                return cpu_kernels.pointwise_conv(x, self.weight, self.bias)
             y = nn.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
             return cpu_kernels.channel_bias_add(y, self.bias)
         return super().execute(x)
@@ -301,10 +303,18 @@ class Conv1d(nn.Conv1d):
 
     def execute(self, x: jt.Var) -> jt.Var:
         if x.ndim == 3 and _fused_bias_applies(x, self.weight, self.bias):
+            if _inference_only() and _is_pointwise(self):
+                return cpu_kernels.pointwise_conv(x, self.weight, self.bias)
             y = nn.conv2d(x.unsqueeze(-1), self.weight.unsqueeze(-1), None, self.stride, self.padding,
                           self.dilation, self.groups)
             return cpu_kernels.channel_bias_add(y.squeeze(-1), self.bias)
         return super().execute(x)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    """A 1x1 convolution without stride, padding, dilation or groups (a per-pixel matrix product)."""
+    return (all(k == 1 for k in _as_tuple(conv.kernel_size, 2)) and all(s == 1 for s in _as_tuple(conv.stride, 2))
+            and all(p == 0 for p in _as_tuple(conv.padding, 2)) and conv.groups == 1)
 
 
 def _fused_bias_applies(x: jt.Var, weight: jt.Var, bias) -> bool:

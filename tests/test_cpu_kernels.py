@@ -120,3 +120,40 @@ def test_fused_kernels_are_deterministic():
     second = _grads(lambda x: cpu_kernels.qkv_attention(x, 4, True, 0.42, with_grad=True), [qkv], g)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mean", [0.0, 50.0])
+def test_layer_norm_modulate_matches_numpy(mean):
+    rng = np.random.RandomState(7)
+    x = (mean + rng.randn(2, 9, 40)).astype(np.float32)
+    shift, scale = rng.randn(2, 40).astype(np.float32), rng.randn(2, 40).astype(np.float32)
+    ours = cpu_kernels.layer_norm_modulate(jt.array(x), jt.array(shift), jt.array(scale), 1e-6).numpy()
+    x64 = x.astype(np.float64)
+    xn = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    _close(ours, xn * (1 + scale[:, None]) + shift[:, None])
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 7, 5), (2, 20, 9), (1, 64, 4096)])
+def test_pointwise_conv_matches_numpy(shape):
+    rng = np.random.RandomState(8)
+    x = rng.randn(*shape).astype(np.float32)
+    w = rng.randn(11, shape[1]).astype(np.float32)
+    b = rng.randn(11).astype(np.float32)
+    w_shaped = w.reshape((11, shape[1]) + (1,) * (len(shape) - 2))
+    ours = cpu_kernels.pointwise_conv(jt.array(x), jt.array(w_shaped), jt.array(b)).numpy()
+    ref = np.einsum("oc,nc...->no...", w.astype(np.float64), x.astype(np.float64))
+    _close(ours, ref + b.reshape((1, 11) + (1,) * (len(shape) - 2)))
+
+
+@pytest.mark.parametrize("dims, shape", [(1, (2, 24, 9)), (2, (3, 24, 6, 5))])
+def test_conv_nd_pointwise_inference_path_matches_gradient_path(monkeypatch, dims, shape):
+    calls = []
+    real = cpu_kernels.pointwise_conv
+    monkeypatch.setattr(cpu_kernels, "pointwise_conv", lambda *a: calls.append(1) or real(*a))
+    conv = gnn.conv_nd(dims, 24, 10, 1)
+    x = jt.array(np.random.RandomState(9).randn(*shape).astype(np.float32))
+    with jt.no_grad():
+        fast = conv(x).numpy()
+    slow = conv(x).numpy()
+    assert calls == [1]
+    _close(fast, slow)

@@ -61,8 +61,10 @@ def test_2d_sincos_pos_embed_reference_values():
     np.testing.assert_allclose(emb[2], [0, 0, 1, 1, 0.841471, 0.01, 0.540302, 0.99995], atol=1e-6)
 
 
-def test_dit_forward_matches_reference_fixture(tiny, ref):
-    out = tiny(_var(ref["x"]), _var(ref["t"]), _var(ref["y"])).numpy()
+@pytest.mark.parametrize("no_grad", [False, True])  # True: the fused CPU inference kernels
+def test_dit_forward_matches_reference_fixture(tiny, ref, no_grad):
+    with jt.flag_scope(no_grad=int(no_grad)):
+        out = tiny(_var(ref["x"]), _var(ref["t"]), _var(ref["y"])).numpy()
     assert out.shape == ref["out"].shape
     assert np.abs(out - ref["out"]).max() <= _tol(ref["out"])
 

@@ -81,6 +81,21 @@ def test_dit_attention_inference_path_matches_gradient_path():
     np.testing.assert_allclose(fast, slow, atol=1e-5)
 
 
+def test_dit_norm_modulate_inference_path_matches_gradient_path():
+    sys.path.insert(0, os.path.join(ROOT, "DiT"))
+    import models
+
+    rng = np.random.RandomState(4)
+    x = jt.array((3 + rng.randn(2, 6, 24)).astype(np.float32))
+    shift, scale = (jt.array(rng.randn(2, 24).astype(np.float32)) for _ in range(2))
+    norm = models.LayerNormNoAffine(24, eps=1e-6)
+    with jt.no_grad():
+        fast = models.norm_modulate(norm, x, shift, scale).numpy()
+    slow = models.norm_modulate(norm, x, shift, scale).numpy()
+    assert np.abs(slow).max() > 0
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_heads_cpu_matches_numpy_softmax_attention():
     rng = np.random.RandomState(5)
     q = rng.randn(6, 37, 8).astype(np.float32)

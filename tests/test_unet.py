@@ -103,10 +103,12 @@ def _fixture_unet():
     return _load(_unet_from_flags(flags), "unet64_cond.pt")
 
 
-def test_unet_output_matches_reference_fixture():
+@pytest.mark.parametrize("no_grad", [False, True])  # True: the forward-only CPU kernels of sampling
+def test_unet_output_matches_reference_fixture(no_grad):
     model = _fixture_unet()
     io = np.load(os.path.join(GD, "unet64_cond_io.npz"))
-    out = model(jt.array(io["x"]), jt.array(io["t"]), jt.array(io["y"])).numpy()
+    with jt.flag_scope(no_grad=int(no_grad)):
+        out = model(jt.array(io["x"]), jt.array(io["t"]), jt.array(io["y"])).numpy()
     _within_tolerance(out, io["out"])
 
 
