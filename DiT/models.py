@@ -137,7 +137,7 @@ def scaled_dot_product_attention(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) 
     if gd_nn._inference_only() and gd_nn._use_onednn(q, k, v):
         # Forward only on the CPU: one kernel, per head plain (non-transposed) oneDNN sgemms around a row softmax,
         # the [N, N] weights staying in cache.
-        return gd_nn.attention_heads_cpu(q * scale, k.transpose((0, 2, 1)), v)
+        return cpu_kernels.attention_heads(q * scale, k.transpose((0, 2, 1)), v)
     if n >= 512 and (b <= 8 or not jt.flags.no_grad):
         attn = gd_nn.batched_matmul(q, k, trans_b=True) * scale
         attn = nn.softmax(attn, dim=-1)

@@ -1,12 +1,15 @@
 """
-Fused CPU kernels (OpenMP, oneDNN sgemm) for the UNet's training step and sampling loop.
+Fused CPU kernels (OpenMP, oneDNN sgemm) for the UNet's and DiT's training steps and sampling loops.
 
-Jittor runs elementwise ops and reductions on the CPU as single-threaded kernels, one per op, and reduces over
-non-contiguous axes slowly; the conv-bias and FiLM gradients and the attention's per-head matmuls then cost as much
-as a quarter of a training step. Each function here does one such piece as one multi-threaded kernel per direction,
-deterministic (every sum is taken by one thread in a fixed order, so results do not depend on the thread count) and
-equal to the op-by-op computation up to float32 rounding. Callers (`guided_diffusion.nn`) use them only on the CPU
-with float32 inputs; CUDA keeps Jittor's own ops.
+On the CPU Jittor runs elementwise ops and reductions as single-threaded kernels, one per op, reduces over
+non-contiguous axes slowly, and its batched matmul does not use oneDNN; oneDNN's convolutions reorder NCHW tensors to
+blocked layouts on every call. Each function here does one layer's piece of work as one multi-threaded kernel per
+direction: group norm, SiLU, the conv bias, the FiLM scale-shift, 1x1 convolutions, softmax, attention (the UNet's
+QKV attention and DiT's heads), DiT's adaLN, and the trainer's squared norms. All are deterministic (each sum they
+take themselves is taken by one thread in a fixed order, so it does not depend on the thread count) and equal the
+op-by-op computation up to float32 rounding. Callers (`guided_diffusion.nn`, `DiT/models.py`, the trainer) use them only on
+the CPU with float32 inputs; CUDA keeps Jittor's own ops. The Winograd convolutions are in
+`guided_diffusion.winograd`.
 """
 
 from typing import List, Sequence
@@ -247,6 +250,207 @@ def layer_norm_modulate(x: jt.Var, shift: jt.Var, scale: jt.Var, eps: float) -> 
     """LayerNorm (no affine) of float32 x [B, T, D], then * (1 + scale) + shift ([B, D]); forward only."""
     return jt.code(x.shape, "float32", [x, shift, scale], cpu_header="#include <cmath>",
                    cpu_src=_src(_LAYER_NORM_MODULATE_SRC, EPS=repr(float(eps))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group norm (GroupNorm32) with affine parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+# Forward: y = (x - mean) * rstd * weight + bias per (n, group), two-pass variance with double accumulators. One
+# OpenMP task per (n, g); each group is reduced sequentially by one thread, so results do not depend on the thread
+# count. @SAVE_STATS writes the group's float mean and 1/std (outputs 1 and 2, [N, G]) for the backward kernel.
+_GROUP_NORM_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1, S = in0_shape2, G = @GROUPS, CG = C / G;
+    const double len = double(CG) * S;
+    #pragma omp parallel for schedule(static) if(size_t(N) * C * S >= @MIN_PARALLEL)
+    for (int ng = 0; ng < N * G; ng++) {
+        const int n = ng / G, g = ng % G;
+        const size_t base = (size_t(n) * C + size_t(g) * CG) * S;
+        const in0_type* __restrict__ xi = in0_p + base;
+        out0_type* __restrict__ yo = out0_p + base;
+        const size_t cnt = size_t(CG) * S;
+        double sum = 0;
+        for (size_t i = 0; i < cnt; i++) sum += xi[i];
+        const float mean = float(sum / len);
+        double sq = 0;
+        for (size_t i = 0; i < cnt; i++) { float d = xi[i] - mean; sq += double(d) * d; }
+        const float inv = float(1.0 / std::sqrt(sq / len + @EPS));
+        @SAVE_STATS
+        for (int c = 0; c < CG; c++) {
+            const float a = in1_p[g * CG + c] * inv, b = in2_p[g * CG + c];
+            const in0_type* __restrict__ xc = xi + size_t(c) * S;
+            out0_type* __restrict__ yc = yo + size_t(c) * S;
+            for (int i = 0; i < S; i++) yc[i] = (xc[i] - mean) * a + b;
+        }
+    }
+"""
+
+# Backward. Inputs: x, weight, dy [N, C, S], mean, rstd [N, G]; outputs dx, dweight [C], dbias [C]. With
+# xhat = (x - mean) * rstd (recomputed exactly as in the forward) and dyhat = dy * weight:
+#   dx = rstd * (dyhat - mean_group(dyhat) - xhat * mean_group(dyhat * xhat)),
+#   dweight[c] = sum_{n,s} dy * xhat,  dbias[c] = sum_{n,s} dy.
+# The first loop (one task per (n, g)) writes the per-(n, c) sums to a buffer; the second sums them over n in a fixed
+# order, one task per channel: no races, and results independent of the thread count.
+_GROUP_NORM_GRAD_SRC = r"""
+    const int N = in0_shape0, C = in0_shape1, S = in0_shape2, G = @GROUPS, CG = C / G;
+    const double len = double(CG) * S;
+    std::vector<double> part(size_t(2) * N * C);
+    double* __restrict__ sum_dy = part.data();
+    double* __restrict__ sum_dy_xhat = sum_dy + size_t(N) * C;
+    #pragma omp parallel for schedule(static) if(size_t(N) * C * S >= @MIN_PARALLEL)
+    for (int ng = 0; ng < N * G; ng++) {
+        const int n = ng / G, g = ng % G;
+        const size_t base = (size_t(n) * C + size_t(g) * CG) * S;
+        const in0_type* __restrict__ xi = in0_p + base;
+        const in2_type* __restrict__ gi = in2_p + base;
+        out0_type* __restrict__ dxo = out0_p + base;
+        const float mean = in3_p[ng], rstd = in4_p[ng];
+        double m1 = 0, m2 = 0;
+        for (int c = 0; c < CG; c++) {
+            const in0_type* __restrict__ xc = xi + size_t(c) * S;
+            const in2_type* __restrict__ gc = gi + size_t(c) * S;
+            double a = 0, b = 0;
+            for (int i = 0; i < S; i++) {
+                const float xh = (xc[i] - mean) * rstd;
+                a += gc[i];
+                b += double(gc[i]) * xh;
+            }
+            const size_t nc = size_t(n) * C + size_t(g) * CG + c;
+            sum_dy[nc] = a;
+            sum_dy_xhat[nc] = b;
+            const double w = in1_p[g * CG + c];
+            m1 += w * a;
+            m2 += w * b;
+        }
+        const float mean_dyhat = float(m1 / len), mean_dyhat_xhat = float(m2 / len);
+        for (int c = 0; c < CG; c++) {
+            const in0_type* __restrict__ xc = xi + size_t(c) * S;
+            const in2_type* __restrict__ gc = gi + size_t(c) * S;
+            out0_type* __restrict__ dc = dxo + size_t(c) * S;
+            const float w = in1_p[g * CG + c];
+            for (int i = 0; i < S; i++) {
+                const float xh = (xc[i] - mean) * rstd;
+                dc[i] = rstd * (gc[i] * w - mean_dyhat - xh * mean_dyhat_xhat);
+            }
+        }
+    }
+    #pragma omp parallel for schedule(static) if(size_t(N) * C >= @MIN_PARALLEL)
+    for (int c = 0; c < C; c++) {
+        double a = 0, b = 0;
+        for (int n = 0; n < N; n++) { a += sum_dy[size_t(n) * C + c]; b += sum_dy_xhat[size_t(n) * C + c]; }
+        out1_p[c] = float(b);
+        out2_p[c] = float(a);
+    }
+"""
+
+
+def _group_norm_src(template: str, groups: int, eps: float, save_stats: bool = False) -> str:
+    stats = "out1_p[ng] = mean; out2_p[ng] = inv;" if save_stats else ""
+    return _src(template, GROUPS=int(groups), EPS=repr(float(eps)), SAVE_STATS=stats)
+
+
+class _GroupNorm(jt.Function):
+    """Group norm with affine on float32 [N, C, S] Vars: one CPU kernel forward, one backward (x, weight, bias)."""
+
+    def __init__(self, groups: int, eps: float):
+        self.groups = int(groups)
+        self.eps = float(eps)
+
+    def execute(self, x: jt.Var, weight: jt.Var, bias: jt.Var) -> jt.Var:
+        n, g = x.shape[0], self.groups
+        src = _group_norm_src(_GROUP_NORM_SRC, g, self.eps, save_stats=True)
+        y, mean, rstd = jt.code([x.shape, (n, g), (n, g)], [x.dtype, "float32", "float32"], [x, weight, bias],
+                                cpu_src=src)
+        self.saved = (x, weight, mean, rstd)
+        return y
+
+    def grad(self, dy):
+        if dy is None:
+            return None, None, None
+        x, weight, mean, rstd = self.saved
+        src = _group_norm_src(_GROUP_NORM_GRAD_SRC, self.groups, self.eps)
+        dx, dweight, dbias = jt.code([x.shape, weight.shape, weight.shape], [x.dtype, "float32", "float32"],
+                                     [x, weight, dy.float32(), mean, rstd], cpu_src=src,
+                                     cpu_header="#include <vector>")
+        return dx, dweight, dbias
+
+
+def group_norm(x: jt.Var, weight: jt.Var, bias: jt.Var, groups: int, eps: float, with_grad: bool) -> jt.Var:
+    """Two-pass group norm with affine of float32 x [N, C, S]; without `with_grad` one forward-only kernel."""
+    if with_grad:
+        return _GroupNorm(groups, eps)(x, weight, bias)
+    return jt.code(x.shape, x.dtype, [x, weight, bias], cpu_src=_group_norm_src(_GROUP_NORM_SRC, groups, eps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Softmax over the last axis
+# ---------------------------------------------------------------------------------------------------------------
+
+_ROW_SOFTMAX_SRC = r"""
+    const size_t rows = in0_shape0, cols = in0_shape1;
+    #pragma omp parallel for schedule(static) if(rows * cols >= @MIN_PARALLEL)
+    for (size_t r = 0; r < rows; r++) softmax_row(in0_p + r * cols, out0_p + r * cols, cols);
+"""
+
+
+class _RowSoftmax(jt.Function):
+    """Softmax over the last axis as one CPU kernel (max, exp and sum in one sweep, exp computed once)."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        x2 = x.reshape((-1, x.shape[-1]))
+        y = jt.code(x2.shape, x2.dtype, [x2], cpu_header=SOFTMAX_ROW_HEADER,
+                    cpu_src=_src(_ROW_SOFTMAX_SRC)).reshape(x.shape)
+        self.y = y
+        return y
+
+    def grad(self, g: jt.Var) -> jt.Var:
+        y = self.y
+        return y * (g - (g * y).sum(dim=-1, keepdims=True))
+
+
+def row_softmax(x: jt.Var) -> jt.Var:
+    """Softmax of float32 x over its last axis, one kernel forward (the backward is two Jittor ops)."""
+    return _RowSoftmax()(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token-major attention heads (DiT inference)
+# ---------------------------------------------------------------------------------------------------------------
+
+_ATTENTION_HEADS_HEADER = SOFTMAX_ROW_HEADER + r"""
+#include <oneapi/dnnl/dnnl.h>
+#include <vector>
+"""
+
+# One OpenMP task per attention head: [T, S] weights = q @ k (oneDNN sgemm, run by the task's thread), the row
+# softmax, then weights @ v. The weights live in a per-thread buffer kept between calls.
+_ATTENTION_HEADS_SRC = r"""
+    const int B = in0_shape0, T = in0_shape1, D = in0_shape2, S = in1_shape2;
+    #pragma omp parallel
+    {
+        static thread_local std::vector<float> wbuf;
+        if (wbuf.size() < size_t(T) * S) wbuf.resize(size_t(T) * S);
+        float* __restrict__ w = wbuf.data();
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            dnnl_sgemm('N', 'N', T, S, D, 1.0f, in0_p + size_t(b) * T * D, D, in1_p + size_t(b) * D * S, S, 0.0f,
+                       w, S);
+            for (int t = 0; t < T; t++) softmax_row(w + size_t(t) * S, w + size_t(t) * S, S);
+            dnnl_sgemm('N', 'N', T, D, S, 1.0f, w, S, in2_p + size_t(b) * S * D, D, 0.0f,
+                       out0_p + size_t(b) * T * D, D);
+        }
+    }
+"""
+
+
+def attention_heads(q: jt.Var, k: jt.Var, v: jt.Var) -> jt.Var:
+    """softmax(q @ k) @ v per head for float32 q [B, T, D], k [B, D, S], v [B, S, D] on the CPU, without gradients.
+
+    Exists so that inference attention is one kernel (one OpenMP region over heads) instead of two matmuls and a
+    softmax per head: on 2 cores, hundreds of tiny parallel regions per forward stall whenever a core is busy.
+    """
+    return jt.code((q.shape[0], q.shape[1], q.shape[2]), "float32", [q.float32(), k.float32(), v.float32()],
+                   cpu_header=_ATTENTION_HEADS_HEADER, cpu_src=_ATTENTION_HEADS_SRC).cast(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

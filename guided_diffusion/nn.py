@@ -3,9 +3,10 @@ Various utilities for neural networks (Jittor port of guided_diffusion/nn.py).
 
 `checkpoint` is real gradient checkpointing (a custom jt.Function that recomputes in backward), as in the reference.
 
-Besides the reference helpers this module holds the attention matmul helpers: on the CPU, Jittor's batched 3-D
-matmul does not use oneDNN and its backward is slow, so attention runs one oneDNN 2-D matmul per batch element
-inside a custom ``jt.Function`` (forward and backward).
+Besides the reference helpers this module holds the attention helpers (`qkv_attention`, `attention_qkv`,
+`batched_matmul`) and the layers' device dispatch: on the CPU in float32 the modules here (GroupNorm32, SiLU, the
+convolutions, the FiLM `scale_shift`, QKV attention) run the fused kernels of `guided_diffusion.cpu_kernels` and
+`guided_diffusion.winograd`; on CUDA, Jittor's own ops.
 """
 
 import math
@@ -20,9 +21,6 @@ from . import cpu_kernels, winograd
 
 _CHECKPOINT_FORWARD_DEPTH = [0]
 
-# The fused CPU kernels below (group norm, row softmax) split their work over OpenMP threads: one task per
-# (sample, group) or per row, each reduced by one thread, so results do not depend on the thread count.
-_OMP_MIN_ELEMENTS = cpu_kernels.OMP_MIN_ELEMENTS
 
 
 def _inference_only() -> bool:
@@ -49,11 +47,11 @@ class GroupNorm32(nn.GroupNorm):
     Jittor's own GroupNorm uses E[x^2] - E[x]^2, which loses precision for inputs with a large mean; this one
     subtracts the group mean first (as PyTorch does). eps defaults to 1e-5 and the affine parameters stay float32.
 
-    On the CPU (affine, channels divisible by the groups) it runs as fused OpenMP kernels instead of Jittor's
-    single-threaded op-by-op reduce/broadcast kernels: without gradients one forward kernel; otherwise
-    `_GroupNormCPU`, one forward kernel (which also keeps the per-group mean and 1/std) and one backward kernel.
-    Inside a checkpointed forward (gradients off) the gradient path still runs, so the forward and its recompute
-    are the same kernel.
+    On the CPU (affine, channels divisible by the groups) it runs as fused OpenMP kernels (`cpu_kernels.group_norm`)
+    instead of Jittor's single-threaded op-by-op reduce/broadcast kernels: without gradients one forward kernel;
+    otherwise one forward kernel (which also keeps the per-group mean and 1/std) and one backward kernel. Inside a
+    checkpointed forward (gradients off) the gradient path still runs, so the forward and its recompute are the same
+    kernel.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
@@ -69,10 +67,7 @@ class GroupNorm32(nn.GroupNorm):
         if not jt.flags.use_cuda and self.affine and c % g == 0 and xf.numel() > 0:
             x3 = xf.reshape((n, c, -1))
             w, b = self.weight.float32(), self.bias.float32()
-            if _inference_only():
-                xn = _group_norm_cpu(x3, w, b, g, self.eps)
-            else:
-                xn = _GroupNormCPU(g, self.eps)(x3, w, b)
+            xn = cpu_kernels.group_norm(x3, w, b, g, self.eps, with_grad=not _inference_only())
             xn = xn.reshape(shape)
         else:
             xn = _group_norm_ops(xf, self.weight if self.affine else None, self.bias if self.affine else None,
@@ -95,132 +90,6 @@ def _group_norm_ops(x: jt.Var, weight, bias, groups: int, eps: float) -> jt.Var:
         bshape = [1, c] + [1] * (len(shape) - 2)
         xn = xn * weight.reshape(bshape) + bias.reshape(bshape)
     return xn
-
-
-# Forward: y = (x - mean) * rstd * weight + bias per (n, group), two-pass variance with double accumulators. One
-# OpenMP task per (n, g); each group is reduced sequentially by one thread, so results do not depend on the thread
-# count. @SAVE_STATS writes the group's float mean and 1/std (outputs 1 and 2, [N, G]) for the backward kernel.
-_GROUP_NORM_SRC = r"""
-    const int N = in0_shape0, C = in0_shape1, S = in0_shape2, G = @GROUPS, CG = C / G;
-    const double len = double(CG) * S;
-    #pragma omp parallel for schedule(static) if(size_t(N) * C * S >= @MIN_PARALLEL)
-    for (int ng = 0; ng < N * G; ng++) {
-        const int n = ng / G, g = ng % G;
-        const size_t base = (size_t(n) * C + size_t(g) * CG) * S;
-        const in0_type* __restrict__ xi = in0_p + base;
-        out0_type* __restrict__ yo = out0_p + base;
-        const size_t cnt = size_t(CG) * S;
-        double sum = 0;
-        for (size_t i = 0; i < cnt; i++) sum += xi[i];
-        const float mean = float(sum / len);
-        double sq = 0;
-        for (size_t i = 0; i < cnt; i++) { float d = xi[i] - mean; sq += double(d) * d; }
-        const float inv = float(1.0 / std::sqrt(sq / len + @EPS));
-        @SAVE_STATS
-        for (int c = 0; c < CG; c++) {
-            const float a = in1_p[g * CG + c] * inv, b = in2_p[g * CG + c];
-            const in0_type* __restrict__ xc = xi + size_t(c) * S;
-            out0_type* __restrict__ yc = yo + size_t(c) * S;
-            for (int i = 0; i < S; i++) yc[i] = (xc[i] - mean) * a + b;
-        }
-    }
-"""
-
-# Backward. Inputs: x, weight, dy [N, C, S], mean, rstd [N, G]; outputs dx, dweight [C], dbias [C]. With
-# xhat = (x - mean) * rstd (recomputed exactly as in the forward) and dyhat = dy * weight:
-#   dx = rstd * (dyhat - mean_group(dyhat) - xhat * mean_group(dyhat * xhat)),
-#   dweight[c] = sum_{n,s} dy * xhat,  dbias[c] = sum_{n,s} dy.
-# The first loop (one task per (n, g)) writes the per-(n, c) sums to a buffer; the second sums them over n in a fixed
-# order, one task per channel: no races, and results independent of the thread count.
-_GROUP_NORM_GRAD_SRC = r"""
-    const int N = in0_shape0, C = in0_shape1, S = in0_shape2, G = @GROUPS, CG = C / G;
-    const double len = double(CG) * S;
-    std::vector<double> part(size_t(2) * N * C);
-    double* __restrict__ sum_dy = part.data();
-    double* __restrict__ sum_dy_xhat = sum_dy + size_t(N) * C;
-    #pragma omp parallel for schedule(static) if(size_t(N) * C * S >= @MIN_PARALLEL)
-    for (int ng = 0; ng < N * G; ng++) {
-        const int n = ng / G, g = ng % G;
-        const size_t base = (size_t(n) * C + size_t(g) * CG) * S;
-        const in0_type* __restrict__ xi = in0_p + base;
-        const in2_type* __restrict__ gi = in2_p + base;
-        out0_type* __restrict__ dxo = out0_p + base;
-        const float mean = in3_p[ng], rstd = in4_p[ng];
-        double m1 = 0, m2 = 0;
-        for (int c = 0; c < CG; c++) {
-            const in0_type* __restrict__ xc = xi + size_t(c) * S;
-            const in2_type* __restrict__ gc = gi + size_t(c) * S;
-            double a = 0, b = 0;
-            for (int i = 0; i < S; i++) {
-                const float xh = (xc[i] - mean) * rstd;
-                a += gc[i];
-                b += double(gc[i]) * xh;
-            }
-            const size_t nc = size_t(n) * C + size_t(g) * CG + c;
-            sum_dy[nc] = a;
-            sum_dy_xhat[nc] = b;
-            const double w = in1_p[g * CG + c];
-            m1 += w * a;
-            m2 += w * b;
-        }
-        const float mean_dyhat = float(m1 / len), mean_dyhat_xhat = float(m2 / len);
-        for (int c = 0; c < CG; c++) {
-            const in0_type* __restrict__ xc = xi + size_t(c) * S;
-            const in2_type* __restrict__ gc = gi + size_t(c) * S;
-            out0_type* __restrict__ dc = dxo + size_t(c) * S;
-            const float w = in1_p[g * CG + c];
-            for (int i = 0; i < S; i++) {
-                const float xh = (xc[i] - mean) * rstd;
-                dc[i] = rstd * (gc[i] * w - mean_dyhat - xh * mean_dyhat_xhat);
-            }
-        }
-    }
-    #pragma omp parallel for schedule(static) if(size_t(N) * C >= @MIN_PARALLEL)
-    for (int c = 0; c < C; c++) {
-        double a = 0, b = 0;
-        for (int n = 0; n < N; n++) { a += sum_dy[size_t(n) * C + c]; b += sum_dy_xhat[size_t(n) * C + c]; }
-        out1_p[c] = float(b);
-        out2_p[c] = float(a);
-    }
-"""
-
-
-def _group_norm_src(template: str, groups: int, eps: float, save_stats: bool = False) -> str:
-    stats = "out1_p[ng] = mean; out2_p[ng] = inv;" if save_stats else ""
-    return (template.replace("@GROUPS", str(int(groups))).replace("@EPS", repr(float(eps)))
-            .replace("@SAVE_STATS", stats).replace("@MIN_PARALLEL", str(_OMP_MIN_ELEMENTS)))
-
-
-def _group_norm_cpu(x: jt.Var, weight: jt.Var, bias: jt.Var, groups: int, eps: float) -> jt.Var:
-    """Two-pass group norm with affine on [N, C, S] float32, as one CPU kernel (forward only, no gradient)."""
-    src = _group_norm_src(_GROUP_NORM_SRC, groups, eps)
-    return jt.code(x.shape, x.dtype, [x, weight, bias], cpu_src=src)
-
-
-class _GroupNormCPU(jt.Function):
-    """Group norm with affine on float32 [N, C, S] Vars: one CPU kernel forward, one backward (x, weight, bias)."""
-
-    def __init__(self, groups: int, eps: float):
-        self.groups = int(groups)
-        self.eps = float(eps)
-
-    def execute(self, x: jt.Var, weight: jt.Var, bias: jt.Var) -> jt.Var:
-        n, g = x.shape[0], self.groups
-        src = _group_norm_src(_GROUP_NORM_SRC, g, self.eps, save_stats=True)
-        y, mean, rstd = jt.code([x.shape, (n, g), (n, g)], [x.dtype, "float32", "float32"], [x, weight, bias],
-                                cpu_src=src)
-        self.saved = (x, weight, mean, rstd)
-        return y
-
-    def grad(self, dy):
-        if dy is None:
-            return None, None, None
-        x, weight, mean, rstd = self.saved
-        src = _group_norm_src(_GROUP_NORM_GRAD_SRC, self.groups, self.eps)
-        dx, dweight, dbias = jt.code([x.shape, weight.shape, weight.shape], [x.dtype, "float32", "float32"],
-                                     [x, weight, dy.float32(), mean, rstd], cpu_src=src,
-                                     cpu_header="#include <vector>")
-        return dx, dweight, dbias
 
 
 def _as_tuple(v, n: int) -> tuple:
@@ -419,28 +288,6 @@ def timestep_embedding(timesteps: jt.Var, dim: int, max_period: float = 10000) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_ROW_SOFTMAX_SRC = r"""
-    const size_t rows = in0_shape0, cols = in0_shape1;
-    #pragma omp parallel for schedule(static) if(rows * cols >= @MIN_PARALLEL)
-    for (size_t r = 0; r < rows; r++) softmax_row(in0_p + r * cols, out0_p + r * cols, cols);
-"""
-
-
-class _RowSoftmax(jt.Function):
-    """Softmax over the last axis as one CPU kernel (max, exp and sum in one sweep, exp computed once)."""
-
-    def execute(self, x: jt.Var) -> jt.Var:
-        x2 = x.reshape((-1, x.shape[-1]))
-        src = _ROW_SOFTMAX_SRC.replace("@MIN_PARALLEL", str(_OMP_MIN_ELEMENTS))
-        y = jt.code(x2.shape, x2.dtype, [x2], cpu_header=cpu_kernels.SOFTMAX_ROW_HEADER, cpu_src=src).reshape(x.shape)
-        self.y = y
-        return y
-
-    def grad(self, g: jt.Var) -> jt.Var:
-        y = self.y
-        return y * (g - (g * y).sum(dim=-1, keepdims=True))
-
-
 def softmax_last(x: jt.Var) -> jt.Var:
     """Softmax over the last axis, computed in float32 and cast back to x's dtype.
 
@@ -449,7 +296,7 @@ def softmax_last(x: jt.Var) -> jt.Var:
     """
     if jt.flags.use_cuda or x.ndim == 0:
         return nn.softmax(x.float32(), dim=-1).cast(x.dtype)
-    return _RowSoftmax()(x.float32()).cast(x.dtype)
+    return cpu_kernels.row_softmax(x.float32()).cast(x.dtype)
 
 
 def _use_onednn(*vs: jt.Var) -> bool:
@@ -516,42 +363,6 @@ def batched_matmul(a: jt.Var, b: jt.Var, trans_a: bool = False, trans_b: bool = 
     if trans_b:
         b = b.transpose((0, 2, 1))
     return nn.matmul(a, b)
-
-
-_ATTENTION_HEADS_HEADER = cpu_kernels.SOFTMAX_ROW_HEADER + r"""
-#include <oneapi/dnnl/dnnl.h>
-#include <vector>
-"""
-
-# One OpenMP task per attention head: [T, S] weights = q @ k (oneDNN sgemm, run by the task's thread), the row
-# softmax, then weights @ v. The weights live in a per-thread buffer kept between calls.
-_ATTENTION_HEADS_SRC = r"""
-    const int B = in0_shape0, T = in0_shape1, D = in0_shape2, S = in1_shape2;
-    #pragma omp parallel
-    {
-        static thread_local std::vector<float> wbuf;
-        if (wbuf.size() < size_t(T) * S) wbuf.resize(size_t(T) * S);
-        float* __restrict__ w = wbuf.data();
-        #pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) {
-            dnnl_sgemm('N', 'N', T, S, D, 1.0f, in0_p + size_t(b) * T * D, D, in1_p + size_t(b) * D * S, S, 0.0f,
-                       w, S);
-            for (int t = 0; t < T; t++) softmax_row(w + size_t(t) * S, w + size_t(t) * S, S);
-            dnnl_sgemm('N', 'N', T, D, S, 1.0f, w, S, in2_p + size_t(b) * S * D, D, 0.0f,
-                       out0_p + size_t(b) * T * D, D);
-        }
-    }
-"""
-
-
-def attention_heads_cpu(q: jt.Var, k: jt.Var, v: jt.Var) -> jt.Var:
-    """softmax(q @ k) @ v per head for float32 q [B, T, D], k [B, D, S], v [B, S, D] on the CPU, without gradients.
-
-    Exists so that inference attention is one kernel (one OpenMP region over heads) instead of two matmuls and a
-    softmax per head: on 2 cores, hundreds of tiny parallel regions per forward stall whenever a core is busy.
-    """
-    return jt.code((q.shape[0], q.shape[1], q.shape[2]), "float32", [q.float32(), k.float32(), v.float32()],
-                   cpu_header=_ATTENTION_HEADS_HEADER, cpu_src=_ATTENTION_HEADS_SRC).cast(q.dtype)
 
 
 def qkv_attention(qkv: jt.Var, n_heads: int, legacy: bool) -> jt.Var:

@@ -1,6 +1,5 @@
 """Tests for guided_diffusion.cifar10: reading the python batches, extraction, download wiring and errors."""
 
-import io
 import os
 import pickle
 import tarfile

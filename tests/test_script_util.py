@@ -5,7 +5,6 @@ import json
 import os
 
 import guided_diffusion  # noqa: F401  (prepares Jittor's environment before jittor is imported)
-import numpy as np
 import pytest
 
 from guided_diffusion import checkpoint
