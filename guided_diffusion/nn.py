@@ -22,7 +22,6 @@ from . import cpu_kernels, winograd
 _CHECKPOINT_FORWARD_DEPTH = [0]
 
 
-
 def _inference_only() -> bool:
     """True when no gradient will be asked for, so forward-only CPU kernels may run.
 
