@@ -484,53 +484,47 @@ static inline float* grow(std::vector<float>& buf, size_t n) {
 }
 """
 
-# Per head (one OpenMP task): W = softmax(ALPHA * q^T k) [T, T] (saved when @SAVE_WEIGHTS), out = v W^T written as
-# [ch, T] into the head's channels of out [N, H * ch, T]. Only plain (non-transposed) sgemms, on transposed copies
-# held in per-thread buffers.
-_QKV_FORWARD_SRC = r"""
+# One OpenMP task per head b = n * H + h; each thread's scratch holds three [T, ch] blocks and one [T, T] block.
+_QKV_SKELETON = r"""
     const int N = in0_shape0, H = @HEADS;
     const size_t T = in0_shape2, D = in0_shape1 / (3 * H);
     const bool legacy = @LEGACY;
     #pragma omp parallel
     {
-        static thread_local std::vector<float> qt_buf, vt_buf, w_buf, ot_buf;
-        float* __restrict__ qt = grow(qt_buf, T * D);
-        float* __restrict__ vt = grow(vt_buf, T * D);
-        float* __restrict__ ot = grow(ot_buf, T * D);
-        float* __restrict__ wtmp = @SAVE_WEIGHTS ? nullptr : grow(w_buf, T * T);
+        static thread_local std::vector<float> scratch;
+        float* __restrict__ s = grow(scratch, 3 * T * D + T * T);
         #pragma omp for schedule(static)
         for (int b = 0; b < N * H; b++) {
             size_t oq, ok, ov;
             head_offsets(b, H, D, T, legacy, &oq, &ok, &ov);
-            float* __restrict__ w = @SAVE_WEIGHTS ? @WEIGHTS_OUT + size_t(b) * T * T : wtmp;
+@PER_HEAD
+        }
+    }
+"""
+
+# Forward: W = softmax(ALPHA * q^T k) [T, T] (saved when @SAVE_WEIGHTS), out = v W^T written as [ch, T] into the
+# head's channels of out [N, H * ch, T]. Only plain (non-transposed) sgemms, on transposed copies in the scratch.
+_QKV_FORWARD_HEAD = r"""
+            float* __restrict__ qt = s;
+            float* __restrict__ vt = s + T * D;
+            float* __restrict__ ot = s + 2 * T * D;
+            float* __restrict__ w = @SAVE_WEIGHTS ? @WEIGHTS_OUT + size_t(b) * T * T : s + 3 * T * D;
             transpose_into(in0_p + oq, qt, D, T);
             dnnl_sgemm('N', 'N', T, T, D, @ALPHA, qt, D, in0_p + ok, T, 0.0f, w, T);
             for (size_t t = 0; t < T; t++) softmax_row(w + t * T, w + t * T, T);
             transpose_into(in0_p + ov, vt, D, T);
             dnnl_sgemm('N', 'N', T, D, T, 1.0f, w, T, vt, D, 0.0f, ot, D);
             transpose_into(ot, out0_p + size_t(b) * D * T, T, D);
-        }
-    }
 """
 
-# Inputs qkv, W [N * H, T, T], dout [N, H * ch, T]; output dqkv (same layout as qkv). Per head, with G = dout's
-# [ch, T] block and P = softmax input:
+# Backward. Inputs qkv, W [N * H, T, T], dout [N, H * ch, T]; output dqkv (same layout as qkv). Per head, with G =
+# dout's [ch, T] block and P = softmax input:
 #   dv = G W,  dW = G^T v,  dP = W * (dW - rowsum(dW * W)),  dk = ALPHA q dP,  dq = ALPHA k dP^T.
-_QKV_BACKWARD_SRC = r"""
-    const int N = in0_shape0, H = @HEADS;
-    const size_t T = in0_shape2, D = in0_shape1 / (3 * H);
-    const bool legacy = @LEGACY;
-    #pragma omp parallel
-    {
-        static thread_local std::vector<float> gt_buf, dp_buf, kt_buf, dqt_buf;
-        float* __restrict__ gt = grow(gt_buf, T * D);
-        float* __restrict__ dp = grow(dp_buf, T * T);
-        float* __restrict__ kt = grow(kt_buf, T * D);
-        float* __restrict__ dqt = grow(dqt_buf, T * D);
-        #pragma omp for schedule(static)
-        for (int b = 0; b < N * H; b++) {
-            size_t oq, ok, ov;
-            head_offsets(b, H, D, T, legacy, &oq, &ok, &ov);
+_QKV_BACKWARD_HEAD = r"""
+            float* __restrict__ gt = s;
+            float* __restrict__ kt = s + T * D;
+            float* __restrict__ dqt = s + 2 * T * D;
+            float* __restrict__ dp = s + 3 * T * D;
             const float* __restrict__ w = in1_p + size_t(b) * T * T;
             const float* __restrict__ g = in2_p + size_t(b) * D * T;
             dnnl_sgemm('N', 'N', D, T, T, 1.0f, g, T, w, T, 0.0f, out0_p + ov, T);
@@ -540,16 +534,16 @@ _QKV_BACKWARD_SRC = r"""
                 float* __restrict__ row = dp + t * T;
                 const float* __restrict__ wr = w + t * T;
                 float dot = 0;
-                for (size_t s = 0; s < T; s++) dot += row[s] * wr[s];
-                for (size_t s = 0; s < T; s++) row[s] = wr[s] * (row[s] - dot);
+                for (size_t c = 0; c < T; c++) dot += row[c] * wr[c];
+                for (size_t c = 0; c < T; c++) row[c] = wr[c] * (row[c] - dot);
             }
             dnnl_sgemm('N', 'N', D, T, T, @ALPHA, in0_p + oq, T, dp, T, 0.0f, out0_p + ok, T);
             transpose_into(in0_p + ok, kt, D, T);
             dnnl_sgemm('N', 'N', T, D, T, @ALPHA, dp, T, kt, D, 0.0f, dqt, D);
             transpose_into(dqt, out0_p + oq, T, D);
-        }
-    }
 """
+_QKV_FORWARD_SRC = _QKV_SKELETON.replace("@PER_HEAD", _QKV_FORWARD_HEAD.strip("\n"))
+_QKV_BACKWARD_SRC = _QKV_SKELETON.replace("@PER_HEAD", _QKV_BACKWARD_HEAD.strip("\n"))
 
 
 def _qkv_src(template: str, heads: int, legacy: bool, scale: float, save_weights: bool = False) -> str:
