@@ -612,6 +612,8 @@ _SUM_SQUARES_CHUNK = 64
 
 def sum_of_squares(tensors: Sequence[jt.Var]) -> jt.Var:
     """float64 [len(tensors)] of each float32 tensor's sum of squares, a few kernels for a whole model."""
+    if not tensors:
+        return jt.zeros((0,), "float64")
     parts: List[jt.Var] = []
     for start in range(0, len(tensors), _SUM_SQUARES_CHUNK):
         chunk = list(tensors[start : start + _SUM_SQUARES_CHUNK])

@@ -110,6 +110,7 @@ def test_sum_of_squares_covers_many_tensors_of_any_shape():
     ours = cpu_kernels.sum_of_squares([jt.array(a) for a in arrays]).numpy()
     assert ours.dtype == np.float64 and ours.shape == (len(arrays),)
     np.testing.assert_allclose(ours, [np.sum(a.astype(np.float64) ** 2) for a in arrays], rtol=1e-12)
+    assert cpu_kernels.sum_of_squares([]).shape == (0,)
 
 
 def test_fused_kernels_are_deterministic():
