@@ -391,11 +391,8 @@ def attention_qkv(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
     """ADM attention core on [B, ch, T] inputs: softmax_s(sum_c (q*scale)(k*scale)) applied to v -> [B, ch, T].
 
     q and k are each multiplied by ``scale`` (ch^-1/4 in the reference) before the product; the softmax is
-    computed in float32 and cast back to the input dtype.
-
-    On the CPU with oneDNN both products run as plain (non-transposed) 2-D sgemms on token-major copies of q and v
-    (oneDNN's transposed-operand sgemm is 1.2-5x slower for these shapes); without gradients each head's
-    matmul -> softmax -> matmul runs back to back so its [T, S] weights stay in cache.
+    computed in float32 and cast back to the input dtype. The op-by-op path of `qkv_attention` (CUDA, or dtypes
+    other than float32 on the CPU), and its reference in the tests.
     """
     qs = (q * scale).cast(q.dtype)
     ks = (k * scale).cast(k.dtype)
