@@ -502,13 +502,13 @@ _QKV_SKELETON = r"""
     }
 """
 
-# Forward: W = softmax(ALPHA * q^T k) [T, T] (saved when @SAVE_WEIGHTS), out = v W^T written as [ch, T] into the
+# Forward: W = softmax(ALPHA * q^T k) [T, T] (at @WEIGHTS: output 1, or the scratch), out = v W^T written as [ch, T] into the
 # head's channels of out [N, H * ch, T]. Only plain (non-transposed) sgemms, on transposed copies in the scratch.
 _QKV_FORWARD_HEAD = r"""
             float* __restrict__ qt = s;
             float* __restrict__ vt = s + T * D;
             float* __restrict__ ot = s + 2 * T * D;
-            float* __restrict__ w = @SAVE_WEIGHTS ? @WEIGHTS_OUT + size_t(b) * T * T : s + 3 * T * D;
+            float* __restrict__ w = @WEIGHTS;
             transpose_into(in0_p + oq, qt, D, T);
             dnnl_sgemm('N', 'N', T, T, D, @ALPHA, qt, D, in0_p + ok, T, 0.0f, w, T);
             for (size_t t = 0; t < T; t++) softmax_row(w + t * T, w + t * T, T);
@@ -549,10 +549,10 @@ _QKV_BACKWARD_SRC = _QKV_SKELETON.replace("@PER_HEAD", _QKV_BACKWARD_HEAD.strip(
 def _qkv_src(template: str, heads: int, legacy: bool, scale: float, save_weights: bool = False) -> str:
     alpha = float(scale) * float(scale)
     return _src(template, HEADS=int(heads), LEGACY="true" if legacy else "false", ALPHA=f"float({alpha!r})",
-                SAVE_WEIGHTS="true" if save_weights else "false", WEIGHTS_OUT="out1_p" if save_weights else "out0_p")
+                WEIGHTS="out1_p + size_t(b) * T * T" if save_weights else "s + 3 * T * D")
 
 
-def _qkv_out_shape(qkv: jt.Var, heads: int) -> tuple:
+def _qkv_out_shape(qkv: jt.Var) -> tuple:
     n, width, length = qkv.shape
     return (n, width // 3, length)
 
@@ -564,7 +564,7 @@ class _QKVAttention(jt.Function):
     def execute(self, qkv: jt.Var) -> jt.Var:
         n, _, length = qkv.shape
         src = _qkv_src(_QKV_FORWARD_SRC, self.heads, self.legacy, self.scale, save_weights=True)
-        out, weights = jt.code([_qkv_out_shape(qkv, self.heads), (n * self.heads, length, length)],
+        out, weights = jt.code([_qkv_out_shape(qkv), (n * self.heads, length, length)],
                                ["float32", "float32"], [qkv], cpu_header=_QKV_HEADER, cpu_src=src)
         self.saved = (qkv, weights)
         return out
@@ -586,7 +586,7 @@ def qkv_attention(qkv: jt.Var, heads: int, legacy: bool, scale: float, with_grad
     if with_grad:
         return _QKVAttention(heads, legacy, scale)(qkv)
     src = _qkv_src(_QKV_FORWARD_SRC, heads, legacy, scale)
-    return jt.code(_qkv_out_shape(qkv, heads), "float32", [qkv], cpu_header=_QKV_HEADER, cpu_src=src)
+    return jt.code(_qkv_out_shape(qkv), "float32", [qkv], cpu_header=_QKV_HEADER, cpu_src=src)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -152,10 +152,7 @@ class Conv2d(nn.Conv2d):
             if self.bias is not None and self.bias.dtype == "float32":
                 return winograd.winograd_conv3x3_with_grad(x, self.weight, self.bias)
         if _fused_bias_applies(x, self.weight, self.bias):
-            if _inference_only() and _is_pointwise(self):
-                return cpu_kernels.pointwise_conv(x, self.weight, self.bias)
-            y = nn.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-            return cpu_kernels.channel_bias_add(y, self.bias)
+            return _conv2d_fused_bias(self, x, self.weight)
         return super().execute(x)
 
 
@@ -171,12 +168,17 @@ class Conv1d(nn.Conv1d):
 
     def execute(self, x: jt.Var) -> jt.Var:
         if x.ndim == 3 and _fused_bias_applies(x, self.weight, self.bias):
-            if _inference_only() and _is_pointwise(self):
-                return cpu_kernels.pointwise_conv(x, self.weight, self.bias)
-            y = nn.conv2d(x.unsqueeze(-1), self.weight.unsqueeze(-1), None, self.stride, self.padding,
-                          self.dilation, self.groups)
-            return cpu_kernels.channel_bias_add(y.squeeze(-1), self.bias)
+            return _conv2d_fused_bias(self, x.unsqueeze(-1), self.weight.unsqueeze(-1)).squeeze(-1)
         return super().execute(x)
+
+
+def _conv2d_fused_bias(conv: nn.Module, x: jt.Var, weight: jt.Var) -> jt.Var:
+    """`conv` on 4-D x with 4-D weight on the CPU: a 1x1 one in inference as plain GEMMs, otherwise oneDNN's
+    convolution (through Jittor) with the bias added by one fused kernel."""
+    if _inference_only() and _is_pointwise(conv):
+        return cpu_kernels.pointwise_conv(x, weight, conv.bias)
+    y = nn.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return cpu_kernels.channel_bias_add(y, conv.bias)
 
 
 def _is_pointwise(conv: nn.Module) -> bool:

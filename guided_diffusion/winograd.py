@@ -340,7 +340,8 @@ def winograd_conv3x3(x: jt.Var, weight: jt.Var, bias=None, transposed: bool = Fa
     o = weight.shape[1] if transposed else weight.shape[0]
     inputs = [x, weight] + ([bias] if bias is not None else [])
     src = _SRC.replace("@BIAS", "in2_p[o]" if bias is not None else "0.f")
-    src = src.replace("@TILES_PER_CHUNK", str(int(TILES_PER_CHUNK))).replace("@FLIPPED", "true" if transposed else "false")
+    src = src.replace("@TILES_PER_CHUNK", str(int(TILES_PER_CHUNK)))
+    src = src.replace("@FLIPPED", "true" if transposed else "false")
     return jt.code((n, o, h, w), "float32", inputs, cpu_header=_HEADER, cpu_src=src)
 
 
