@@ -4,7 +4,7 @@ Timestep respacing: run a diffusion process on a subset of its original timestep
 A Jittor port of guided-diffusion's ``respace.py``. The network always sees the original-schedule timesteps.
 """
 
-from typing import Iterable, List, Set, Union
+from typing import Iterable, List, Optional, Set, Union
 
 import jittor as jt
 import numpy as np
@@ -17,14 +17,32 @@ class SpacingError(UserError, ValueError):
     """A --timestep_respacing value cannot be applied to the number of diffusion steps."""
 
 
-def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]]) -> Set[int]:
+def space_timesteps(
+    num_timesteps: int, section_counts: Union[str, Iterable[int]], betas: Optional[np.ndarray] = None
+) -> Set[int]:
     """Choose which timesteps of the original process to keep.
 
     The process is cut into equal sections (as many as there are counts) and each section is strided to keep its
     count. section_counts is a list of ints or a comma-separated string such as "10,15,20"; "ddimN" instead uses
-    DDIM's fixed striding, range(0, T, stride), with the stride that gives exactly N steps.
+    DDIM's fixed striding, range(0, T, stride), with the stride that gives exactly N steps; "logsnrN" keeps N
+    timesteps evenly spaced in log-SNR (see logsnr_timesteps), which needs the process's betas.
     """
     if isinstance(section_counts, str):
+        if section_counts.startswith("logsnr"):
+            try:
+                desired_count = int(section_counts[len("logsnr"):])
+            except ValueError:
+                raise SpacingError(
+                    f"invalid timestep respacing {section_counts!r}; use logsnrN with an integer N, e.g. logsnr20"
+                ) from None
+            if betas is None:
+                raise SpacingError(
+                    f"--timestep_respacing {section_counts} spaces the steps by the noise schedule's log-SNR, so "
+                    f"it needs the schedule's betas; pass betas to space_timesteps"
+                )
+            if len(betas) != num_timesteps:
+                raise SpacingError(f"{len(betas)} betas given for {num_timesteps} diffusion steps")
+            return set(logsnr_timesteps(betas, desired_count))
         if section_counts.startswith("ddim"):
             try:
                 desired_count = int(section_counts[len("ddim"):])
@@ -71,6 +89,34 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
         all_steps += taken_steps
         start_idx += size
     return set(all_steps)
+
+
+def logsnr_timesteps(betas: np.ndarray, count: int) -> List[int]:
+    """count distinct timesteps from 0 to T-1 (both kept; 0 alone for count 1), evenly spaced in log-SNR.
+
+    The targets are count points evenly spaced in lambda = 0.5 * log(alpha_bar / (1 - alpha_bar)) from lambda(0)
+    down to lambda(T-1); each takes the timestep whose lambda is nearest. Where the schedule is coarser than the
+    grid (near t = 0; near T-1 for the cosine schedule, whose last beta is clipped to 0.999) several targets share
+    a nearest timestep: the k-th (from t = 0) is then held in [k, T-count+k] and at least one above the (k-1)-th,
+    so exactly count distinct timesteps remain.
+    """
+    num_timesteps = len(betas)
+    if not 1 <= count <= num_timesteps:
+        raise SpacingError(
+            f"cannot keep {count} distinct steps of {num_timesteps} diffusion steps (--timestep_respacing "
+            f"logsnr{count}); use 1 to {num_timesteps}"
+        )
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    lam = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))  # decreasing in t
+    targets = np.linspace(lam[0], lam[-1], count)
+    nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    steps: List[int] = []
+    for k, t in enumerate(nearest):
+        t = min(max(int(t), k), num_timesteps - count + k)
+        if steps:
+            t = max(t, steps[-1] + 1)
+        steps.append(t)
+    return steps
 
 
 class SpacedDiffusion(GaussianDiffusion):

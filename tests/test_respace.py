@@ -162,3 +162,87 @@ def test_unspaced_diffusion_keeps_every_step():
     )
     assert d.timestep_map == list(range(1000))
     np.testing.assert_allclose(d.betas, base.betas, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- log-SNR spacing
+
+
+def _lambda(schedule, steps=1000):
+    alphas_cumprod = np.cumprod(1.0 - gd.get_named_beta_schedule(schedule, steps))
+    return 0.5 * np.log(alphas_cumprod / (1.0 - alphas_cumprod))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("count", [2, 5, 10, 25, 50, 100, 250, 1000])
+def test_logsnr_spacing_keeps_exactly_n_distinct_steps_from_the_last_to_zero(schedule, count):
+    betas = gd.get_named_beta_schedule(schedule, 1000)
+    steps = sorted(space_timesteps(1000, "logsnr%d" % count, betas=betas))
+    assert len(steps) == count
+    assert steps[0] == 0 and steps[-1] == 999
+
+
+def test_logsnr_spacing_is_nearest_to_an_even_log_snr_grid():
+    lam = _lambda("linear")
+    steps = sorted(space_timesteps(1000, "logsnr10", betas=gd.get_named_beta_schedule("linear", 1000)))
+    assert steps == [0, 5, 22, 73, 202, 410, 603, 757, 886, 999]
+    targets = np.linspace(lam[0], lam[-1], 10)
+    for t, target in zip(steps, targets):  # lambda is monotone: nearer than both neighbours is nearest
+        for neighbour in (t - 1, t + 1):
+            if 0 <= neighbour < 1000:
+                assert abs(lam[t] - target) <= abs(lam[neighbour] - target)
+    gaps = -np.diff(lam[steps])
+    assert np.abs(gaps / gaps.mean() - 1).max() < 0.05
+    uniform_gaps = -np.diff(lam[sorted(space_timesteps(1000, "10"))])
+    assert uniform_gaps.max() / uniform_gaps.min() > 5  # what the log-SNR grid is for
+
+
+def test_logsnr_spacing_resolves_shared_nearest_steps():
+    # Linear schedule: lambda(0) - lambda(1) = 0.39 exceeds the grid step of logsnr100 (0.098), so the lowest
+    # targets share timesteps 0-1 and are moved up one by one. Cosine: the clipped last beta leaves a gap of 3.5
+    # below lambda(998), so the highest targets crowd into the last timesteps, one each.
+    linear = sorted(space_timesteps(1000, "logsnr100", betas=gd.get_named_beta_schedule("linear", 1000)))
+    assert linear[:8] == list(range(8)) and len(set(linear)) == 100
+    cosine = sorted(space_timesteps(1000, "logsnr20", betas=gd.get_named_beta_schedule("cosine", 1000)))
+    assert cosine[-5:] == [995, 996, 997, 998, 999] and len(set(cosine)) == 20
+
+
+def test_logsnr_spacing_refuses_what_it_cannot_do_with_user_errors():
+    betas = gd.get_named_beta_schedule("linear", 100)
+    with pytest.raises(SpacingError):
+        space_timesteps(100, "logsnr101", betas=betas)
+    with pytest.raises(SpacingError):
+        space_timesteps(100, "logsnr0", betas=betas)
+    with pytest.raises(SpacingError):
+        space_timesteps(100, "logsnr", betas=betas)
+    with pytest.raises(SpacingError):
+        space_timesteps(100, "logsnr10")  # the schedule is needed
+    with pytest.raises(SpacingError):
+        space_timesteps(1000, "logsnr10", betas=betas)  # betas of another length
+    assert sorted(space_timesteps(100, "logsnr100", betas=betas)) == list(range(100))
+
+
+def test_logsnr_spacing_through_the_diffusion_factories():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "DiT"))
+    from diffusion import create_diffusion
+
+    from guided_diffusion.respace import logsnr_timesteps
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    d = create_gaussian_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="logsnr12")
+    assert d.timestep_map == logsnr_timesteps(gd.get_named_beta_schedule("cosine", 1000), 12)
+    dit = create_diffusion("logsnr8")
+    assert dit.timestep_map == logsnr_timesteps(gd.get_named_beta_schedule("linear", 1000), 8)
+
+
+def test_every_sampler_walks_a_logsnr_spacing_on_original_timesteps():
+    betas = gd.get_named_beta_schedule("linear", 1000)
+    d = SpacedDiffusion(use_timesteps=space_timesteps(1000, "logsnr5", betas=betas), betas=betas,
+                        model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_LARGE,
+                        loss_type=gd.LossType.MSE)
+    expected = [[t] for t in sorted(space_timesteps(1000, "logsnr5", betas=betas), reverse=True)]
+    for loop in (d.p_sample_loop, d.ddim_sample_loop, d.dpm_solver_sample_loop):
+        model = _RecordingModel()
+        loop(model, (1, 3, 2, 2))
+        assert [s.tolist() for s in model.seen] == expected, loop.__name__

@@ -1,0 +1,156 @@
+"""Sampler accuracy against steps: DDIM, DPM-Solver++ 2M and 3M on time-uniform and log-SNR grids.
+
+`python bench/bench_samplers.py --part all` prints JSON lines:
+
+* analytic: Gaussian data N(0.3, 0.5^2) under the linear schedule, whose exact noise prediction and ODE solution are
+  known (dpm_solver.GaussianDataModel): RMSE against the exact ODE solution for 5, 10, 20 and 40 steps, and the
+  fewest steps each sampler and grid needs to reach the error of DDIM with 50 time-uniform steps;
+* demo: the demo's classifier-free digits model (scripts/demo/free_digits.pt, w = 3, cosine schedule);
+* unet: the fixture UNet (tests/fixtures/guided_diffusion/unet64_cond.pt, 64x64, random weights, linear schedule).
+
+For the two networks: RMSE of DDIM-10/25/50 and 2M/3M-10/15/20 against a 1000-step 3M solution of the same ODE
+from a fixed x_T, on both grids, and the seconds per image of each walk. The networks' walks clip each x_0
+prediction to [-1, 1] as sampling does (clip_denoised=True): unclipped, the x_0 predicted at T-1 of the cosine
+schedule (alpha_bar = 2.4e-9) carries the noise prediction's error times 2e4 and the walks diverge. The analytic
+walks are unclipped. A time-uniform grid of N steps is the spacing "N" (from T-1 to 0), a log-SNR grid "logsnrN".
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import emit  # noqa: E402
+
+import jittor as jt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from guided_diffusion import digits, guidance, script_util  # noqa: E402
+from guided_diffusion import gaussian_diffusion as gd  # noqa: E402
+from guided_diffusion.checkpoint import load_file, load_state_dict_strict  # noqa: E402
+from guided_diffusion.dpm_solver import GaussianDataModel  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLERS = {"ddim": 1, "2M": 2, "3M": 3}
+GRIDS = {"uniform": "%d", "logsnr": "logsnr%d"}
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Root-mean-square difference, in float64."""
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def walk(diffusion_flags: dict, spacing: str, model, noise: np.ndarray, order: int, model_kwargs=None,
+         clip_denoised: bool = False):
+    """One DPM-Solver++ walk of the given order (1 is DDIM) on a spacing; (final sample, wall seconds)."""
+    diffusion = script_util.create_gaussian_diffusion(**diffusion_flags, timestep_respacing=spacing)
+    start = time.perf_counter()
+    with jt.no_grad():
+        out = diffusion.dpm_solver_sample_loop(model, list(noise.shape), noise=jt.array(noise),
+                                               clip_denoised=clip_denoised, model_kwargs=model_kwargs, order=order)
+        result = out.numpy()
+    return result, time.perf_counter() - start
+
+
+def bench_analytic(args) -> None:
+    flags = dict(steps=1000, noise_schedule="linear")
+    model = GaussianDataModel(gd.get_named_beta_schedule("linear", 1000), mu=0.3, std=0.5)
+    noise = np.random.RandomState(0).randn(4, 3, 8, 8).astype(np.float32)
+    # The exact ODE down to timestep 0, then the last step every walk takes to the clean image (x_0 = D(x)).
+    exact = model.data_prediction(model.ode_solution(noise, 999, 0), 0)
+    fine, _ = walk(flags, "1000", model, noise, 3)
+    emit(dict(bench="samplers_analytic", reference="exact ODE", check="3M-1000", rmse=rmse(fine, exact)))
+    errors = {}
+
+    def error(sampler, grid, n):
+        if (sampler, grid, n) not in errors:
+            out, _ = walk(flags, GRIDS[grid] % n, model, noise, SAMPLERS[sampler])
+            errors[sampler, grid, n] = rmse(out, exact)
+        return errors[sampler, grid, n]
+
+    for grid in GRIDS:
+        for sampler in SAMPLERS:
+            emit(dict(bench="samplers_analytic", grid=grid, sampler=sampler,
+                      rmse={n: float("%.4g" % error(sampler, grid, n)) for n in (5, 10, 20, 40)}))
+    target = error("ddim", "uniform", 50)
+    for grid in GRIDS:
+        for sampler in SAMPLERS:
+            # The fewest steps from which on (up to 50) the error stays at or below DDIM-50's.
+            needed = None
+            for n in range(50, 1, -1):
+                if error(sampler, grid, n) > target:
+                    break
+                needed = n
+            emit(dict(bench="samplers_analytic_steps_to_ddim50", target_rmse=float("%.4g" % target), grid=grid,
+                      sampler=sampler, steps=needed))
+
+
+def bench_network(name: str, model, diffusion_flags: dict, noise: np.ndarray, model_kwargs: dict, args) -> None:
+    batch = noise.shape[0]
+    run = functools.partial(walk, diffusion_flags, model=model, noise=noise, model_kwargs=model_kwargs,
+                            clip_denoised=True)
+    run("6", order=3)  # orders 1, 2 and 3: every kernel is compiled before anything is timed
+    reference, seconds = run(str(args.reference_steps), order=3)
+    scale = float(np.sqrt(np.mean(reference.astype(np.float64) ** 2)))
+    ddim_reference, ddim_seconds = run(str(args.reference_steps), order=1)
+    emit(dict(bench="samplers_" + name, reference="3M-%d" % args.reference_steps, reference_rms=round(scale, 4),
+              s_per_image=round(seconds / batch, 4), check="ddim-%d" % args.reference_steps,
+              check_rmse=float("%.4g" % rmse(ddim_reference, reference)),
+              check_s_per_image=round(ddim_seconds / batch, 4), load1=round(os.getloadavg()[0], 2)))
+    runs = [("ddim", n) for n in (10, 25, 50)] + [(s, n) for s in ("2M", "3M") for n in (10, 15, 20)]
+    for grid in GRIDS:
+        for sampler, n in runs:
+            out, seconds = run(GRIDS[grid] % n, order=SAMPLERS[sampler])
+            err = rmse(out, reference)
+            emit(dict(bench="samplers_" + name, grid=grid, sampler=sampler, steps=n, rmse=float("%.4g" % err),
+                      relative_rmse=float("%.4g" % (err / scale)), s_per_image=round(seconds / batch, 4),
+                      load1=round(os.getloadavg()[0], 2)))
+
+
+def bench_demo(args) -> None:
+    model, _, _ = digits.load_demo_models(os.path.join(ROOT, "scripts", "demo", "free_digits.pt"),
+                                          os.path.join(ROOT, "scripts", "demo", "classifier_digits.pt"), "")
+    flags = dict(script_util.model_and_diffusion_defaults(), **digits.DEMO_MODEL_FLAGS)
+    diffusion_flags = dict(steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"],
+                           noise_schedule=flags["noise_schedule"], predict_xstart=flags["predict_xstart"])
+    guided = guidance.ClassifierFreeGuidance(model, 3.0, null_label=digits.NUM_DIGITS)
+    size = digits.DIGIT_IMAGE_SIZE
+    noise = np.random.RandomState(0).randn(args.batch, 3, size, size).astype(np.float32)
+    labels = jt.array(np.arange(args.batch, dtype=np.int32) % digits.NUM_DIGITS)
+    bench_network("demo_cfg_w3", guided, diffusion_flags, noise, {"y": labels}, args)
+
+
+def bench_unet(args) -> None:
+    fixtures = os.path.join(ROOT, "tests", "fixtures", "guided_diffusion")
+    with open(os.path.join(fixtures, "unet64_cond_flags.json")) as f:
+        flags = json.load(f)
+    model, _ = script_util.create_model_and_diffusion(**flags)
+    load_state_dict_strict(model, load_file(os.path.join(fixtures, "unet64_cond.pt")))
+    model.eval()
+    diffusion_flags = dict(steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"],
+                           noise_schedule=flags["noise_schedule"])
+    noise = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    bench_network("fixture_unet64", model, diffusion_flags, noise, {"y": jt.array(np.array([3, 999], np.int32))},
+                  args)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", default="all", choices=["analytic", "demo", "unet", "all"])
+    parser.add_argument("--batch", type=int, default=4, help="images per walk for the demo model")
+    parser.add_argument("--reference_steps", type=int, default=1000)
+    args = parser.parse_args()
+    jt.set_global_seed(0)
+    if args.part in ("analytic", "all"):
+        bench_analytic(args)
+    if args.part in ("demo", "all"):
+        bench_demo(args)
+    if args.part in ("unet", "all"):
+        bench_unet(args)
+
+
+if __name__ == "__main__":
+    main()
