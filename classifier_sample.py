@@ -6,7 +6,7 @@ images (classifier guidance: DDPM, or DDIM with --use_ddim True --timestep_respa
 import argparse
 
 from guided_diffusion import dist_util, guidance, logger, sampling
-from guided_diffusion.errors import run_cli
+from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -17,12 +17,15 @@ from guided_diffusion.script_util import (
 
 def main():
     args = create_argparser().parse_args()
+    check = InputCheck()
+    sampling.check_sampling_flags(check, args)
+    fixed = check(sampling.parse_class_labels, args.class_labels, NUM_CLASSES)
+    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check(sampling.require_file, args.classifier_path, what="classifier", flag="--classifier_path")
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
-
-    fixed = sampling.parse_class_labels(args.class_labels, NUM_CLASSES)
-    sampling.require_file(args.classifier_path, what="classifier", flag="--classifier_path")
 
     logger.log("creating model and diffusion...")
     model, diffusion = sampling.load_model_and_diffusion(

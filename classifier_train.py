@@ -5,8 +5,8 @@ Train a noised image classifier on ImageNet-style folders (the classifier used f
 import argparse
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import run_cli
-from guided_diffusion.image_datasets import load_data
+from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.image_datasets import check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -14,7 +14,13 @@ from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_util import TRAIN_FLAG_HELP, ClassifierTrainLoop, set_flag_help
+from guided_diffusion.train_util import (
+    TRAIN_FLAG_HELP,
+    ClassifierTrainLoop,
+    check_training_flags,
+    seeded_initialisation,
+    set_flag_help,
+)
 
 CLASSIFIER_FLAG_HELP = dict(
     TRAIN_FLAG_HELP,
@@ -36,14 +42,21 @@ CLASSIFIER_FLAG_HELP = dict(
 
 def main() -> None:
     args = create_argparser().parse_args()
+    check = InputCheck()
+    check_training_flags(check, args)
+    check(check_data_dir, args.data_dir)
+    if args.val_data_dir:
+        check(check_data_dir, args.val_data_dir, flag="--val_data_dir")
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = create_classifier_and_diffusion(
-        **args_to_dict(args, classifier_and_diffusion_defaults().keys())
-    )
+    with seeded_initialisation(args.seed):
+        model, diffusion = create_classifier_and_diffusion(
+            **args_to_dict(args, classifier_and_diffusion_defaults().keys())
+        )
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion) if args.noised else None
 
     logger.log("creating data loader...")
@@ -53,6 +66,7 @@ def main() -> None:
         image_size=args.image_size,
         class_cond=True,
         random_crop=True,
+        seed=args.seed,
     )
     val_data = None
     if args.val_data_dir:
@@ -61,6 +75,7 @@ def main() -> None:
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
+            seed=args.seed,
         )
 
     logger.log("training classifier model...")
@@ -82,6 +97,7 @@ def main() -> None:
         eval_interval=args.eval_interval,
         save_interval=args.save_interval,
         use_fp16=args.classifier_use_fp16,
+        seed=args.seed,
     ).run_loop()
 
 
@@ -101,6 +117,7 @@ def create_argparser() -> argparse.ArgumentParser:
         log_interval=10,
         eval_interval=5,
         save_interval=10000,
+        seed=0,
     )
     defaults.update(classifier_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

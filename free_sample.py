@@ -13,7 +13,7 @@ learned variance comes from the conditional prediction). Two ways to give the mo
 import argparse
 
 from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.guidance import ClassifierFreeGuidance
 from guided_diffusion.script_util import (
     NUM_CLASSES,
@@ -28,26 +28,38 @@ def main():
     if args.model_path:
         args = create_argparser(free_defaults=True).parse_args()  # mode (b): free_train.py's defaults
 
+    check = InputCheck()
+    sampling.check_sampling_flags(check, args)
+    if args.model_path:
+        if args.cmodel_path or args.ucmodel_path:
+            check.problem("give either --model_path (a free_train.py model) or --cmodel_path with --ucmodel_path "
+                          "(two models), not both")
+        num_classes = args.num_classes
+        check(sampling.require_file, args.model_path, what="free_train.py model", flag="--model_path")
+    else:
+        if not (args.cmodel_path and args.ucmodel_path):
+            check.problem("classifier-free sampling needs --cmodel_path (class-conditional model) and "
+                          "--ucmodel_path (unconditional model), or --model_path (a model trained by "
+                          "free_train.py)")
+        num_classes = NUM_CLASSES
+        for flag, path, what in (("--cmodel_path", args.cmodel_path, "class-conditional model"),
+                                 ("--ucmodel_path", args.ucmodel_path, "unconditional model")):
+            if path:
+                check(sampling.require_file, path, what=what, flag=flag)
+    fixed = check(sampling.parse_class_labels, args.class_labels, num_classes)
+    check.done()
+
     dist_util.setup_dist()
     logger.configure()
 
     keys = model_and_diffusion_defaults().keys()
     logger.log("creating model and diffusion...")
     if args.model_path:
-        if args.cmodel_path or args.ucmodel_path:
-            raise UserError("give either --model_path (a free_train.py model) or --cmodel_path with --ucmodel_path "
-                            "(two models), not both")
-        num_classes = args.num_classes
         model, diffusion = sampling.load_model_and_diffusion(
             args, keys, model_path=args.model_path, class_cond=True, num_classes=num_classes + 1
         )
         guided = ClassifierFreeGuidance(model, args.w, null_label=num_classes)
     else:
-        if not (args.cmodel_path and args.ucmodel_path):
-            raise UserError("classifier-free sampling needs --cmodel_path (class-conditional model) and "
-                            "--ucmodel_path (unconditional model), or --model_path (a model trained by "
-                            "free_train.py)")
-        num_classes = NUM_CLASSES
         cmodel, diffusion = sampling.load_model_and_diffusion(
             args, keys, model_path=args.cmodel_path, flag="--cmodel_path", class_cond=True
         )
@@ -55,7 +67,6 @@ def main():
             args, keys, model_path=args.ucmodel_path, flag="--ucmodel_path", class_cond=False
         )
         guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel)
-    fixed = sampling.parse_class_labels(args.class_labels, num_classes)
 
     logger.log("sampling with guidance weight w=%g..." % args.w)
     sample_batch = sampling.make_diffusion_sampler(

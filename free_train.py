@@ -8,7 +8,7 @@ import argparse
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cifar10 import load_cifar10_or_folder
-from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.image_datasets import with_label_dropout
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -18,7 +18,13 @@ from guided_diffusion.script_util import (
     free_model_and_diffusion_defaults,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TRAIN_FLAG_HELP, TrainLoop, set_flag_help
+from guided_diffusion.train_util import (
+    TRAIN_FLAG_HELP,
+    TrainLoop,
+    check_training_flags,
+    seeded_initialisation,
+    set_flag_help,
+)
 
 FREE_FLAG_HELP = dict(
     TRAIN_FLAG_HELP,
@@ -26,24 +32,29 @@ FREE_FLAG_HELP = dict(
              "named <class>_<anything>.png",
     num_classes="number of real classes; the label table gets one more row, the null label (= num_classes)",
     p_uncond="probability of replacing a label by the null label during training",
-    seed="seed of the data order, label dropout and noise (a resumed run continues the same streams)",
 )
 
 
 def main() -> None:
     args = create_argparser().parse_args()
+    check = InputCheck()
+    check_training_flags(check, args)
     if not args.class_cond:
-        raise UserError("free_train.py trains a class-conditional model: leave --class_cond True")
+        check.problem("free_train.py trains a class-conditional model: leave --class_cond True")
     if not 0.0 <= args.p_uncond <= 1.0:
-        raise UserError("--p_uncond must be a probability in [0, 1] (got %g)" % args.p_uncond)
+        check.problem("--p_uncond must be a probability in [0, 1] (got %g)" % args.p_uncond)
+    if args.num_classes < 1:
+        check.problem("--num_classes must be at least 1 (got %d)" % args.num_classes)
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1
-    )
+    with seeded_initialisation(args.seed):
+        model, diffusion = create_model_and_diffusion(
+            **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1
+        )
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")

@@ -5,8 +5,8 @@ Train a diffusion model on images.
 import argparse
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import run_cli
-from guided_diffusion.image_datasets import load_data
+from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.image_datasets import check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -14,17 +14,28 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TRAIN_FLAG_HELP, TrainLoop, set_flag_help
+from guided_diffusion.train_util import (
+    TRAIN_FLAG_HELP,
+    TrainLoop,
+    check_training_flags,
+    seeded_initialisation,
+    set_flag_help,
+)
 
 
 def main() -> None:
     args = create_argparser().parse_args()
+    check = InputCheck()
+    check_training_flags(check, args)
+    check(check_data_dir, args.data_dir)
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    with seeded_initialisation(args.seed):
+        model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -33,6 +44,7 @@ def main() -> None:
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=args.class_cond,
+        seed=args.seed,
     )
 
     logger.log("training...")
@@ -52,6 +64,7 @@ def main() -> None:
         schedule_sampler=schedule_sampler,
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
+        seed=args.seed,
     ).run_loop()
 
 
@@ -70,6 +83,7 @@ def create_argparser() -> argparse.ArgumentParser:
         resume_checkpoint="",
         use_fp16=False,
         fp16_scale_growth=1e-3,
+        seed=0,
     )
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

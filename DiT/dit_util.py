@@ -7,6 +7,7 @@ checkpoint (model, EMA, AdamW state in PyTorch's layout via train_util.AdamW, ar
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -20,11 +21,12 @@ import jittor as jt
 
 from guided_diffusion import checkpoint as gd_checkpoint
 from guided_diffusion import dist_util
-from guided_diffusion.errors import CheckpointError, DataError, UserError
-from guided_diffusion.train_util import AdamW
+from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
+from guided_diffusion.fp16_util import sums_of_squares
+from guided_diffusion.train_util import AdamW, save_on_main_process
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
-from download import find_model
+from download import find_model, pretrained_models
 from models import DiT, DiT_models
 
 # Stable Diffusion's latent scaling factor, applied by DiT (not inside the VAE).
@@ -150,11 +152,53 @@ def fetch_vae(vae: str, folder: str) -> str:
     return folder
 
 
+def _vae_is_present(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        os.path.isfile(os.path.join(folder, n)) for n in WEIGHTS_NAMES)
+
+
+def check_inputs(check: InputCheck, args: argparse.Namespace, *, ckpt_flag: Optional[str] = None) -> None:
+    """Record, in `check`, every problem of a DiT script's flags and files (model, sizes, VAE, checkpoint) and
+    then raise them together: nothing is downloaded or built before the cheap checks have all passed.
+
+    ckpt_flag: "--ckpt" for the samplers (unset means the released DiT-XL/2 for --image-size).
+    """
+    check(model_config, args.model)
+    if args.num_classes < 1:
+        check.problem("--num-classes must be at least 1 (got %d)" % args.num_classes)
+    folder = vae_folder(args)
+    factor = 8  # the SD VAEs'; a local folder's config says otherwise
+    if _vae_is_present(folder):
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+        except (OSError, ValueError, TypeError) as exc:
+            check.problem("cannot read the VAE config in %s (%s): download config.json again" % (folder, exc))
+    check(latent_size_for, args.image_size, factor)
+    if ckpt_flag:
+        ckpt = getattr(args, "ckpt", None)
+        if ckpt is None:
+            if args.model != "DiT-XL/2" or args.image_size not in (256, 512) or args.num_classes != 1000:
+                check.problem("without --ckpt only the released models can be used (--model DiT-XL/2, --image-size "
+                              "256 or 512, --num-classes 1000); pass --ckpt for other settings")
+        elif ckpt not in pretrained_models and os.path.basename(ckpt) not in pretrained_models \
+                and not os.path.isfile(ckpt):
+            check.problem("could not find DiT checkpoint at %s: check %s (a released name such as "
+                          "DiT-XL-2-256x256.pt, or a .pt file written by train.py)" % (ckpt, ckpt_flag))
+    if args.vae_path is not None and not _vae_is_present(folder):
+        check.problem("--vae-path %s does not hold a diffusers VAE (config.json and diffusion_pytorch_model."
+                      "safetensors): check the folder" % folder)
+    elif check.problems and not _vae_is_present(folder):
+        check.problem("the VAE folder %s is missing: it is downloaded from %s/stabilityai/sd-vae-ft-%s when the "
+                      "other problems are fixed (offline: put config.json and diffusion_pytorch_model.safetensors "
+                      "there, or pass --vae-path)" % (os.path.abspath(folder), HF_HUB, args.vae))
+    check.done()
+
+
 def load_vae(args: argparse.Namespace) -> AutoencoderKL:
     """The VAE named by --vae-path, else ./stabilityai/sd-vae-ft-{vae} (downloaded from the hub if missing)."""
     folder = vae_folder(args)
-    have_weights = any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHTS_NAMES)
-    if args.vae_path is None and not (os.path.isfile(os.path.join(folder, "config.json")) and have_weights):
+    if args.vae_path is None and not _vae_is_present(folder):
         fetch_vae(args.vae, folder)
     return AutoencoderKL.from_pretrained(folder)
 
@@ -239,21 +283,61 @@ def new_experiment_dir(results_dir: str, model_name: str) -> str:
     return os.path.join(results_dir, "%03d-%s" % (index, model_name.replace("/", "-")))
 
 
-def experiment_dir_for(args: argparse.Namespace, resume_steps: int) -> str:
-    """The run folder (with checkpoints/ inside): the resumed run's own folder, else a new one.
+# The flags that define a run: a rerun with the same ones continues it (the others, e.g. --epochs, may change).
+RUN_DEFINING_FLAGS = ("model", "data_path", "image_size", "num_classes", "global_batch_size", "global_seed", "vae",
+                      "vae_path", "depth", "hidden_size", "num_heads")
+RUN_FLAGS_FILE = "args.json"
+
+
+def run_flags(args: argparse.Namespace) -> Dict[str, object]:
+    """The run-defining flags of args (paths made absolute), as written to a run folder's args.json."""
+    flags = {k: getattr(args, k, None) for k in RUN_DEFINING_FLAGS}
+    for k in ("data_path", "vae_path"):
+        if flags[k]:
+            flags[k] = os.path.abspath(flags[k])
+    return flags
+
+
+def _checkpoint_steps(ckpt_dir: str) -> List[int]:
+    return sorted(int(os.path.basename(f)[:-3]) for f in glob(os.path.join(ckpt_dir, "*.pt"))
+                  if os.path.basename(f)[:-3].isdigit())
+
+
+def find_run_to_continue(args: argparse.Namespace) -> Optional[str]:
+    """The newest checkpoint of the newest run in --results-dir made by the same command (same run-defining
+    flags), so that rerunning a command after a stop continues its run instead of starting over."""
+    pattern = re.compile(r"^\d{3}-%s$" % re.escape(args.model.replace("/", "-")))
+    if not os.path.isdir(args.results_dir):
+        return None
+    for name in sorted((n for n in os.listdir(args.results_dir) if pattern.match(n)), reverse=True):
+        folder = os.path.join(args.results_dir, name)
+        try:
+            with open(os.path.join(folder, RUN_FLAGS_FILE)) as f:
+                same = json.load(f) == json.loads(json.dumps(run_flags(args)))
+        except (OSError, ValueError):
+            continue
+        steps = _checkpoint_steps(os.path.join(folder, "checkpoints"))
+        if same and steps:
+            return os.path.join(folder, "checkpoints", "%07d.pt" % steps[-1])
+    return None
+
+
+def experiment_dir_for(args: argparse.Namespace, resume_steps: int, resume: Optional[str] = None) -> str:
+    """The run folder (with checkpoints/ inside): the resumed run's own folder, else a new one (with args.json).
 
     A resumed run continues in its folder unless that folder already holds later checkpoints (resuming from an
     older one), which are never overwritten: the run then gets a new folder.
     """
-    if args.resume:
-        ckpt_dir = os.path.dirname(os.path.abspath(args.resume))
+    resume = resume or args.resume
+    if resume:
+        ckpt_dir = os.path.dirname(os.path.abspath(resume))
         if os.path.basename(ckpt_dir) == "checkpoints":
-            later = [f for f in glob(os.path.join(ckpt_dir, "*.pt"))
-                     if os.path.basename(f)[:-3].isdigit() and int(os.path.basename(f)[:-3]) > resume_steps]
-            if not later:
+            if not [s for s in _checkpoint_steps(ckpt_dir) if s > resume_steps]:
                 return os.path.dirname(ckpt_dir)
     experiment_dir = new_experiment_dir(args.results_dir, args.model)
     os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+    with gd_checkpoint.atomic_write(os.path.join(experiment_dir, RUN_FLAGS_FILE), "w") as f:
+        json.dump(run_flags(args), f, indent=1)
     return experiment_dir
 
 
@@ -271,6 +355,20 @@ def save_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW, args: 
         "args": args,
     }
     gd_checkpoint.save_file(state, path)
+
+
+def save_training_checkpoint_on_main(checkpoint_dir: Optional[str], step: int, model: DiT, ema: DiT, opt: AdamW,
+                                     args: argparse.Namespace, guard) -> Optional[str]:
+    """Write checkpoints/{step:07d}.pt on rank 0 (all ranks call it); weights gone non-finite are never written.
+
+    Returns the path on rank 0 (None elsewhere).
+    """
+    guard.check_finite_weights(step, sums_of_squares(list(model.parameters()) + list(ema.parameters())))
+    path = os.path.join(checkpoint_dir, f"{step:07d}.pt") if checkpoint_dir else None
+    save_on_main_process(lambda: save_training_checkpoint(path, model, ema, opt, args))
+    if path:
+        guard.saved(path)
+    return path
 
 
 def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW) -> int:

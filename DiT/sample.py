@@ -13,8 +13,9 @@ import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment befor
 import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from guided_diffusion.errors import UserError, run_cli  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.sampling import save_image_grid  # noqa: E402
+from guided_diffusion.seeding import seed_all  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -47,7 +48,13 @@ def create_argparser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = create_argparser().parse_args()
-    jt.set_global_seed(args.seed)
+    check = InputCheck()
+    if max(dit_util.SAMPLE_CLASS_LABELS) >= args.num_classes:
+        check.problem("sample.py draws the ImageNet classes %s, which need --num-classes 1000"
+                      % dit_util.SAMPLE_CLASS_LABELS)
+    if not 1 <= args.num_sampling_steps <= 1000:
+        check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
+    dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
 
     vae = dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
@@ -57,10 +64,8 @@ def main() -> None:
     diffusion = create_diffusion(str(args.num_sampling_steps))
 
     class_labels = dit_util.SAMPLE_CLASS_LABELS
-    if max(class_labels) >= args.num_classes:
-        raise UserError(
-            "sample.py draws the ImageNet classes %s, which need --num-classes 1000" % class_labels)
     n = len(class_labels)
+    seed_all(args.seed)  # the noise depends on --seed alone (drawn after the models are built and loaded)
     z = jt.randn(n, model.in_channels, latent_size, latent_size)
     y = jt.array(np.array(class_labels, dtype=np.int32))
 

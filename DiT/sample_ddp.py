@@ -19,8 +19,8 @@ import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.errors import UserError, run_cli  # noqa: E402
-from guided_diffusion.sampling import generate_samples, seed_batch  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
+from guided_diffusion.sampling import check_count, generate_samples, seed_batch  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -58,9 +58,15 @@ def create_argparser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = create_argparser().parse_args()
-    dist_util.setup_dist()
+    check = InputCheck()
     if args.cfg_scale < 1.0:
-        raise UserError("--cfg-scale must be >= 1.0 (got %g); 1.0 disables guidance" % args.cfg_scale)
+        check.problem("--cfg-scale must be >= 1.0 (got %g); 1.0 disables guidance" % args.cfg_scale)
+    if not 1 <= args.num_sampling_steps <= 1000:
+        check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
+    check(check_count, args.per_proc_batch_size, "--per-proc-batch-size")
+    check(check_count, args.num_fid_samples, "--num-fid-samples")
+    dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
+    dist_util.setup_dist()
     using_cfg = args.cfg_scale > 1.0
 
     vae = dit_util.load_vae(args)

@@ -19,10 +19,11 @@ import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.errors import UserError, run_cli  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.image_datasets import BatchIterator, ImageDataset  # noqa: E402
 from guided_diffusion.nn import update_ema  # noqa: E402
-from guided_diffusion.train_util import AdamW, step_seed  # noqa: E402
+from guided_diffusion.run_guard import RunGuard  # noqa: E402
+from guided_diffusion.train_util import AdamW, seed_training_step, seeded_initialisation  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -45,7 +46,7 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=1400, help="passes over the data set")
     parser.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=int, default=256,
                         help="images per step over all processes")
-    parser.add_argument("--global-seed", type=int, default=0, help="seed of the data order, noise and timesteps")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of the initial weights, data order, flips, noise and timesteps")
     dit_util.add_vae_flags(parser, default_vae="ema")
     parser.add_argument("--num-workers", type=int, default=4,
                         help="accepted for compatibility; images are decoded by one background thread")
@@ -61,75 +62,89 @@ def main() -> None:
     args = create_argparser().parse_args()
     dist_util.setup_dist()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    if args.global_batch_size % world:
-        raise UserError("--global-batch-size %d must be divisible by the number of processes %d"
-                        % (args.global_batch_size, world))
-    if args.log_every < 1 or args.ckpt_every < 1:
-        raise UserError("--log-every and --ckpt-every must be at least 1")
-    jt.set_global_seed(args.global_seed)
+    check = InputCheck()
+    if args.global_batch_size < 1 or args.global_batch_size % world:
+        check.problem("--global-batch-size %d must be a positive multiple of the number of processes %d"
+                      % (args.global_batch_size, world))
+    if args.log_every < 1 or args.ckpt_every < 1 or args.epochs < 1:
+        check.problem("--log-every, --ckpt-every and --epochs must be at least 1")
+    if args.resume and not os.path.isfile(args.resume):
+        check.problem("--resume %s: file not found; give a checkpoint written by train.py "
+                      "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
+    listing = check(dit_util.list_image_folder, args.data_path)
+    dit_util.check_inputs(check, args)
+    resume = args.resume or dit_util.find_run_to_continue(args)  # rerunning a command continues its run
 
     vae = dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
-    model = dit_util.build_model(args, latent_size)
-    ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
+    with seeded_initialisation(args.global_seed):
+        model = dit_util.build_model(args, latent_size)
+        ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
     dist_util.sync_params(model.parameters())
     update_ema(ema.parameters(), model.parameters(), rate=0)  # ema starts as a copy of the model
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear noise schedule
 
-    files, labels, classes = dit_util.list_image_folder(args.data_path)
-    dataset = ImageDataset(args.image_size, files, classes=labels, shard=rank, num_shards=world, random_flip=True)
-    loader = BatchIterator(dataset, args.global_batch_size // world, shuffle=True, seed=args.global_seed)
+    files, labels, classes = listing
+    # DistributedSampler's order: one permutation of the whole dataset per epoch, rank r takes every world-th image
+    dataset = ImageDataset(args.image_size, files, classes=labels, random_flip=True)
+    loader = BatchIterator(dataset, args.global_batch_size // world, shuffle=True, seed=args.global_seed,
+                           rank=rank, world_size=world)
 
-    train_steps = dit_util.load_training_checkpoint(args.resume, model, ema, opt) if args.resume else 0
-    experiment_dir = dit_util.experiment_dir_for(args, train_steps) if rank == 0 else None
+    train_steps = dit_util.load_training_checkpoint(resume, model, ema, opt) if resume else 0
+    experiment_dir = dit_util.experiment_dir_for(args, train_steps, resume) if rank == 0 else None
     logger = dit_util.create_logger(experiment_dir)
+    loader.warn = logger.warning
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints") if experiment_dir else None
     logger.info("Experiment directory created at %s" % experiment_dir)
-    if args.resume:
-        logger.info("Resumed from %s at step %d" % (args.resume, train_steps))
+    if resume:
+        logger.info("Resumed from %s at step %d%s" % (resume, train_steps, "" if args.resume else
+                    " (the newest checkpoint of this command's run; pass --resume to choose another)"))
     logger.info("DiT Parameters: {:,}".format(sum(p.numel() for p in model.parameters())))
     logger.info("Dataset contains {:,} images ({}) in {} classes".format(len(files), args.data_path, len(classes)))
 
     model.train()  # important! This enables embedding dropout for classifier-free guidance
     ema.eval()  # EMA model should always be in eval mode
-    # Shards differ by one image when the dataset does not split evenly: every rank must run the same number of
-    # steps (each step all-reduces gradients), so an epoch is the smallest shard's number of batches.
-    steps_per_epoch = int(min(int(n[0]) for n in dist_util.all_gather_array(
-        np.array([loader.batches_per_epoch], dtype=np.int64))))
+    steps_per_epoch = loader.batches_per_epoch  # the same on every rank (the order is padded)
     total_steps = args.epochs * steps_per_epoch
     loader.seek(train_steps)
     log_steps, running_loss, start_time, logged_epoch = 0, 0.0, time(), -1
     logger.info("Training for %d epochs..." % args.epochs)
-    while train_steps < total_steps:
-        if train_steps // steps_per_epoch != logged_epoch:
-            logged_epoch = train_steps // steps_per_epoch
-            logger.info("Beginning epoch %d..." % logged_epoch)
-        images, cond = next(loader)
-        jt.set_global_seed(step_seed(args.global_seed, train_steps))
-        x = dit_util.encode_latents(vae, jt.array(images))
-        y = jt.array(cond["y"].astype(np.int32))
-        t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
-        loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
-        opt.step(loss)
-        update_ema(ema.parameters(), model.parameters(), rate=0.9999)
-        jt.sync(list(model.parameters()) + list(ema.parameters()) + opt.param_groups[0]["m"]
-                + opt.param_groups[0]["values"])
+    guard = RunGuard(log=logger.info, last_checkpoint=resume)
+    with guard:
+        while train_steps < total_steps:
+            if train_steps // steps_per_epoch != logged_epoch:
+                logged_epoch = train_steps // steps_per_epoch
+                logger.info("Beginning epoch %d..." % logged_epoch)
+            images, cond = next(loader)
+            seed_training_step(args.global_seed, train_steps)
+            x = dit_util.encode_latents(vae, jt.array(images))
+            y = jt.array(cond["y"].astype(np.int32))
+            t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
+            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+            opt.step(loss)
+            update_ema(ema.parameters(), model.parameters(), rate=0.9999)
+            jt.sync(list(model.parameters()) + list(ema.parameters()) + opt.param_groups[0]["m"]
+                    + opt.param_groups[0]["values"])
 
-        running_loss += float(loss.item())
-        log_steps += 1
-        train_steps += 1
-        if train_steps % args.log_every == 0:
-            steps_per_sec = log_steps / (time() - start_time)
-            avg_loss = float(dist_util.all_reduce_mean_array(np.array(running_loss / log_steps)))
-            logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
-            running_loss, log_steps, start_time = 0.0, 0, time()
-        if train_steps % args.ckpt_every == 0 and train_steps > 0:
-            if rank == 0:
-                checkpoint_path = os.path.join(checkpoint_dir, f"{train_steps:07d}.pt")
-                dit_util.save_training_checkpoint(checkpoint_path, model, ema, opt, args)
-                logger.info(f"Saved checkpoint to {checkpoint_path}")
-            dist_util.barrier()
+            loss_value = float(loss.item())
+            running_loss += loss_value
+            log_steps += 1
+            train_steps += 1
+            stop = guard.after_step(train_steps, {"loss": loss_value})
+            if train_steps % args.log_every == 0:
+                steps_per_sec = log_steps / (time() - start_time)
+                avg_loss = float(dist_util.all_reduce_mean_array(np.array(running_loss / log_steps)))
+                bad = f", Skipped Images: {loader.bad_images}" if loader.bad_images else ""
+                logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, "
+                            f"Train Steps/Sec: {steps_per_sec:.2f}{bad}")
+                running_loss, log_steps, start_time = 0.0, 0, time()
+            if train_steps % args.ckpt_every == 0 or stop or train_steps == total_steps:
+                path = dit_util.save_training_checkpoint_on_main(checkpoint_dir, train_steps, model, ema, opt,
+                                                                 args, guard)
+                logger.info(f"Saved checkpoint to {path}")
+            if stop:
+                guard.exit_after_save(train_steps, path)
     loader.close()
     model.eval()  # important! This disables randomized embedding dropout
     logger.info("Done!")

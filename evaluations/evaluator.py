@@ -64,6 +64,15 @@ class NpzFormatError(EvaluatorError, ValueError):
     """An .npz batch lacks arr_0 (or the statistics keys) or does not hold NHWC RGB images."""
 
 
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise one EvaluatorError naming every problem found in a command's inputs (nothing when there is none)."""
+    if len(problems) == 1:
+        raise EvaluatorError(problems[0])
+    if problems:
+        raise EvaluatorError("%d problems with this command:\n" % len(problems)
+                             + "\n".join("  %d. %s" % (i + 1, p) for i, p in enumerate(problems)))
+
+
 def create_argparser() -> argparse.ArgumentParser:
     """The evaluator's command line: the reference's two positional batches plus where the Inception graph lives."""
     parser = argparse.ArgumentParser(
@@ -94,8 +103,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _require_tensorflow()
 
     # Check both batches before downloading 100 MB or spending minutes on the reference batch.
-    ref_info = describe_npz(args.ref_batch)
-    sample_info = describe_npz(args.sample_batch)
+    problems, infos = [], []
+    for path in (args.ref_batch, args.sample_batch):
+        try:
+            infos.append(describe_npz(path))
+        except EvaluatorError as exc:
+            problems.append(str(exc))
+    raise_problems(problems)
+    ref_info, sample_info = infos
     _check_enough_for_prec_recall(ref_info, sample_info)
     inception_path = _download_inception_model(resolve_inception_path(args.inception_path))
 

@@ -32,6 +32,7 @@ from evaluator import (  # noqa: E402  (the evaluator lives beside this script; 
     _require_tensorflow,
     describe_npz,
     open_npz_array,
+    raise_problems,
     resolve_inception_path,
     run_cli,
     tf,
@@ -78,16 +79,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Read SOURCE, compute the statistics of all its images and write OUTPUT atomically."""
     args = create_argparser().parse_args(argv)
     _require_tensorflow()
+    problems = []
     if args.num_images < 1 or args.batch_size < 1:
-        raise EvaluatorError("--num_images and --batch_size must be at least 1")
+        problems.append("--num_images and --batch_size must be at least 1")
     if args.image_size is not None and args.image_size < 1:
-        raise EvaluatorError("--image_size must be at least 1")
+        problems.append("--image_size must be at least 1")
     if os.path.exists(args.output) and not args.overwrite:
-        raise EvaluatorError(f"{args.output} exists; choose another output path or pass --overwrite to replace it")
+        problems.append(f"{args.output} exists; choose another output path or pass --overwrite to replace it")
     if not args.output.endswith(".npz"):
-        raise EvaluatorError(f"the output path must end in .npz (got {args.output})")
+        problems.append(f"the output path must end in .npz (got {args.output})")
+    try:
+        source = ImageSource(args.source, args.image_size)
+    except EvaluatorError as exc:
+        problems.append(str(exc))
+    raise_problems(problems)
 
-    source = ImageSource(args.source, args.image_size)
     print(f"source: {source.describe()}")
     chosen = choose_subset(len(source), args.num_images, args.seed)
     inception_path = _download_inception_model(resolve_inception_path(args.inception_path))

@@ -374,18 +374,30 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
 
 
 def save_file(obj: Any, path: str) -> None:
-    """Save nested containers of arrays/Vars/scalars as a torch zip checkpoint, atomically."""
+    """Save nested containers of arrays/Vars/scalars as a torch zip checkpoint, atomically.
+
+    A failed write (disk full, unwritable folder) leaves any earlier file at `path` untouched, removes the partial
+    file and raises CheckpointError naming the file and the size being written.
+    """
     storages: List[Tuple[str, np.ndarray]] = []
     buf = io.BytesIO()
     _Pickler(buf, storages).dump(obj)
     archive = "archive"
-    with atomic_write(path) as f:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(archive + "/data.pkl", buf.getvalue())
-            zf.writestr(archive + "/byteorder", "little")
-            for key, arr in storages:
-                zf.writestr(archive + "/data/" + key, arr.tobytes())
-            zf.writestr(archive + "/version", "3\n")
+    size = len(buf.getvalue()) + sum(arr.nbytes for _, arr in storages)
+    try:
+        with atomic_write(path) as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+                zf.writestr(archive + "/data.pkl", buf.getvalue())
+                zf.writestr(archive + "/byteorder", "little")
+                for key, arr in storages:
+                    zf.writestr(archive + "/data/" + key, arr.tobytes())
+                zf.writestr(archive + "/version", "3\n")
+    except OSError as exc:
+        raise CheckpointError(
+            "could not write %s (%.1f MB) in %s: %s. The partial file was removed and earlier checkpoints are "
+            "intact; free disk space or make the folder writable (or set OPENAI_LOGDIR to another place) and "
+            "run again" % (os.path.basename(path), size / 2 ** 20, os.path.dirname(os.path.abspath(path)),
+                           exc.strerror or exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------- modules

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import DataError
-from .image_datasets import ArrayDataset, BatchIterator, _list_image_files_recursively, _shard_info, load_data
+from .image_datasets import ArrayDataset, BatchIterator, _list_image_files_recursively, load_data
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -113,9 +113,7 @@ def load_cifar10_data(*, data_dir: str, batch_size: int, image_size: int = 32, c
             raise DataError("no CIFAR-10 batches in %s: put %s/%s there" % (data_dir, CIFAR10_DIRNAME, TRAIN_BATCHES[0]))
         batches_dir = download_cifar10(data_dir)
     images, labels = load_cifar10_arrays(batches_dir, train=True)
-    rank, world = _shard_info()
-    dataset = ArrayDataset(image_size, images, labels if class_cond else None, shard=rank, num_shards=world,
-                           random_flip=random_flip)
+    dataset = ArrayDataset(image_size, images, labels if class_cond else None, random_flip=random_flip)
     return BatchIterator(dataset, batch_size, shuffle=True, seed=seed)
 
 

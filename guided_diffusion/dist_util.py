@@ -101,6 +101,14 @@ def all_reduce_mean_array(arr: np.ndarray) -> np.ndarray:
     return np.mean(np.stack(parts), axis=0)
 
 
+def all_reduce_sum_array(arr: np.ndarray) -> np.ndarray:
+    """The sum over ranks of a small numeric array of the same shape on every rank (one all-reduce)."""
+    arr = np.asarray(arr)
+    if get_world_size() == 1:
+        return arr
+    return jt.array(arr.astype(np.float64)).mpi_all_reduce("add").numpy().astype(arr.dtype)
+
+
 def sync_params(params: Iterable[jt.Var]) -> None:
     """Make every rank hold rank 0's values (Jittor ranks start from different random weights)."""
     if get_world_size() == 1:

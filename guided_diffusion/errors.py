@@ -3,7 +3,7 @@ User-facing errors and the wrapper that turns them into a clear message and a no
 """
 
 import sys
-from typing import Callable
+from typing import Any, Callable, List, Optional
 
 
 class UserError(Exception):
@@ -20,6 +20,38 @@ class DataError(UserError):
 
 class DownloadError(UserError):
     """A file could not be downloaded; the message names the URL and where to place the file by hand."""
+
+
+class InputCheck:
+    """Collects every problem with a command's flags and files, so that one error names them all before any heavy
+    work starts (instead of one at a time, minutes apart).
+
+    ``check(fn, *args)`` runs a validating function and records the UserError it raises (returning None), or returns
+    its result; ``check.problem(msg)`` records a problem directly; ``check.done()`` raises one UserError listing all.
+    """
+
+    def __init__(self) -> None:
+        self.problems: List[str] = []
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Optional[Any]:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            self.problem(str(exc))
+            return None
+
+    def problem(self, message: str) -> None:
+        """Record one problem (a message that says what is wrong and how to fix it)."""
+        if message not in self.problems:
+            self.problems.append(message)
+
+    def done(self) -> None:
+        """Raise one UserError naming every recorded problem (nothing when there is none)."""
+        if len(self.problems) == 1:
+            raise UserError(self.problems[0])
+        if self.problems:
+            raise UserError("%d problems with this command:\n" % len(self.problems)
+                            + "\n".join("  %d. %s" % (i + 1, p) for i, p in enumerate(self.problems)))
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -159,6 +159,15 @@ def state_dict_to_master_params(model: jt.Module, state_dict, use_fp16: bool,
     return [jt.array(np.asarray(state_dict[name], np.float32)) for name, _ in named]
 
 
+def sums_of_squares(tensors: Sequence[jt.Var]) -> np.ndarray:
+    """float64 numpy array of each tensor's sum of squares (the trainer's norms; a non-finite one flags NaN/inf)."""
+    if not tensors:
+        return np.zeros((0,), np.float64)
+    if not jt.flags.use_cuda and all(t.dtype == "float32" for t in tensors):
+        return cpu_kernels.sum_of_squares(tensors).numpy()
+    return jt.concat([t.float32().sqr().sum().reshape(1) for t in tensors]).numpy().astype(np.float64)
+
+
 def check_overflow(value: float) -> bool:
     """True when value is +-inf or NaN (a sign the fp16 loss scale is too large)."""
     return (value == float("inf")) or (value == -float("inf")) or (value != value)
@@ -258,16 +267,15 @@ class MixedPrecisionTrainer:
         grad_norm, param_norm = self._compute_norms(grads)
         logger.logkv_mean("grad_norm", grad_norm)
         logger.logkv_mean("param_norm", param_norm)
+        if check_overflow(grad_norm):  # non-finite float32 gradients: no update (the caller stops the run)
+            self.zero_grad()
+            return False
         apply_gradients(opt, self.master_params, grads)
         self.zero_grad()
         return True
 
     def _compute_norms(self, grads: Sequence[jt.Var], grad_scale: float = 1.0) -> Tuple[float, float]:
-        tensors = list(self.master_params) + list(grads)
-        if not jt.flags.use_cuda and all(t.dtype == "float32" for t in tensors):
-            values = cpu_kernels.sum_of_squares(tensors).numpy()
-        else:
-            values = jt.concat([t.float32().sqr().sum().reshape(1) for t in tensors]).numpy().astype(np.float64)
+        values = sums_of_squares(list(self.master_params) + list(grads))
         n = len(self.master_params)
         param_norm = math.sqrt(float(values[:n].sum()))
         grad_norm = math.sqrt(float(values[n:].sum())) / grad_scale

@@ -4,11 +4,17 @@ Image folders as an endless stream of training batches (the reference's load_dat
 Batches are **numpy arrays**: ``(float32 array (N, C, H, W) in [-1, 1], {"y": int64 array (N,)} when class_cond)``;
 the training loops turn them into Jittor Vars.
 
-Determinism (so that a resumed run sees exactly the batches an uninterrupted run would): the order of epoch ``e``
-is a permutation drawn from ``numpy.random.RandomState(seed + e)`` and the crop/flip of the sample at position
-``i`` of epoch ``e`` comes from its own ``random.Random`` seeded by (seed, e, i). Batch ``k`` therefore depends
-only on ``(seed, k)``, and ``BatchIterator.seek(k)`` jumps straight to it. Images are decoded by one background
-thread that keeps a couple of batches ready.
+Data order under MPI follows torch's ``DistributedSampler`` (as DiT's train.py uses it): epoch ``e`` is one
+permutation of the **whole** dataset, drawn from ``numpy.random.RandomState(seed + e)``, padded by repeating its
+start to a multiple of the number of ranks N, and rank ``r`` takes positions ``r, r + N, r + 2N, ...`` of it. An
+epoch therefore shows every image once across the ranks (plus at most N - 1 repeats), the ranks' label sequences
+are independent, and every rank has the same number of batches (the last incomplete batch is dropped, as the
+reference's ``DataLoader(drop_last=True)``). The crop and flip of the sample at position ``p`` of epoch ``e`` come
+from its own ``random.Random`` seeded by (seed, e, p): independent across ranks, and the same for any N. Batch
+``k`` of rank ``r`` depends only on ``(seed, k, r, N)``, so ``BatchIterator.seek(k)`` after a resume lands exactly
+where an uninterrupted run would be. ``deterministic=True`` keeps the sorted file order (rank r reads files
+r, r + N, ..., the reference's sharding). Images are decoded by one background thread that keeps a couple of
+batches ready.
 """
 
 import math
@@ -22,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from . import logger
 from .errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
@@ -56,38 +63,43 @@ def load_data(
     :param deterministic: keep the sorted file order instead of shuffling every epoch.
     :param seed: the seed of the shuffle and of the crops/flips (see the module docstring).
     """
-    if not data_dir:
-        raise DataError("no data directory given: pass --data_dir path/to/images")
-    if not os.path.isdir(data_dir):
-        raise DataError("data directory %r does not exist: check --data_dir" % data_dir)
-    all_files = _list_image_files_recursively(data_dir)
-    if not all_files:
-        raise DataError(
-            "data directory %r contains no images (.jpg, .jpeg, .png or .gif, searched recursively): "
-            "check --data_dir" % data_dir
-        )
+    all_files = check_data_dir(data_dir)
     classes = None
     if class_cond:
         # Assume classes are the first part of the filename, before an underscore.
         class_names = [os.path.basename(path).split("_")[0] for path in all_files]
         sorted_classes = {x: i for i, x in enumerate(sorted(set(class_names)))}
         classes = [sorted_classes[x] for x in class_names]
-    rank, world = _shard_info()
     dataset = ImageDataset(
         image_size,
         all_files,
         classes=classes,
-        shard=rank,
-        num_shards=world,
         random_crop=random_crop,
         random_flip=random_flip,
     )
-    if len(dataset) < batch_size:
+    rank, world = _shard_info()
+    per_rank = -(-len(dataset) // world)
+    if per_rank < batch_size:
         raise DataError(
-            "data directory %r has %d image(s) for this process, fewer than --batch_size %d: add images or "
-            "lower --batch_size" % (data_dir, len(dataset), batch_size)
+            "data directory %r has %d image(s), %d per process over %d process(es), fewer than --batch_size %d: "
+            "add images or lower --batch_size" % (data_dir, len(dataset), per_rank, world, batch_size)
         )
-    return BatchIterator(dataset, batch_size, shuffle=not deterministic, seed=seed)
+    return BatchIterator(dataset, batch_size, shuffle=not deterministic, seed=seed, rank=rank, world_size=world)
+
+
+def check_data_dir(data_dir: str, flag: str = "--data_dir") -> List[str]:
+    """The image files under data_dir (sorted, recursive); a DataError naming the flag when there are none."""
+    if not data_dir:
+        raise DataError("no data directory given: pass %s path/to/images" % flag)
+    if not os.path.isdir(data_dir):
+        raise DataError("data directory %r does not exist: check %s" % (data_dir, flag))
+    all_files = _list_image_files_recursively(data_dir)
+    if not all_files:
+        raise DataError(
+            "data directory %r contains no images (.jpg, .jpeg, .png or .gif, searched recursively): "
+            "check %s" % (data_dir, flag)
+        )
+    return all_files
 
 
 def _list_image_files_recursively(data_dir: str) -> List[str]:
@@ -102,8 +114,26 @@ def _list_image_files_recursively(data_dir: str) -> List[str]:
     return results
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+
+    def __init__(self, path: str, reason: Exception):
+        super().__init__("cannot read image %r (%s): remove or replace the file" % (path, reason))
+        self.path = path
+        self.reason = reason
+
+
+# A training run skips unreadable images until they are more than this fraction of the images read so far
+# (counting at least MIN_READS_FOR_BAD_FRACTION reads, so that one bad file early on does not end a run).
+MAX_BAD_FRACTION = 0.01
+MIN_READS_FOR_BAD_FRACTION = 100
+
+
 class ImageDataset:
-    """The images of one rank's shard (paths[shard::num_shards]) as CHW float32 arrays in [-1, 1]."""
+    """Images as CHW float32 arrays in [-1, 1] (paths[shard::num_shards], the reference's signature).
+
+    The loaders pass every path and let BatchIterator split the epoch's order among the ranks.
+    """
 
     def __init__(
         self,
@@ -135,7 +165,7 @@ class ImageDataset:
                 pil_image.load()
                 pil_image = pil_image.convert("RGB")
         except Exception as exc:  # PIL raises many types for bad files
-            raise DataError("cannot read image %r (%s): remove or replace the file" % (path, exc)) from None
+            raise UnreadableImage(path, exc) from None
 
         if self.random_crop:
             arr = random_crop_arr(pil_image, self.resolution, rng=rng)
@@ -147,7 +177,7 @@ class ImageDataset:
 
 
 class ArrayDataset:
-    """In-memory uint8 NHWC images (e.g. CIFAR-10) served like ImageDataset, sharded by rank."""
+    """In-memory uint8 NHWC images (e.g. CIFAR-10) served like ImageDataset (images[shard::num_shards])."""
 
     def __init__(
         self,
@@ -186,54 +216,116 @@ def _to_training_sample(arr: np.ndarray, label, random_flip: bool, rng) -> Tuple
     return np.transpose(arr, [2, 0, 1]), out_dict
 
 
-class BatchIterator:
-    """Endless, seekable, deterministic batches of a dataset, decoded ahead by one background thread.
+def sample_seed(seed: int, epoch: int, position: int, stream: int = 0) -> int:
+    """The seed of one sample's random draws (stream 0: crop and flip; others: e.g. label dropout).
 
-    Batch k depends only on (seed, k); `seek(k)` (before iterating) makes k the next batch. `map(fn)` returns an
-    iterator whose batches are fn(images, kwargs, k), still seekable.
+    It depends on the sample's place in the epoch's global order, not on the rank that reads it.
+    """
+    return ((int(seed) * 1000003 + int(epoch)) * 1000000007 + int(position)) * 101 + int(stream)
+
+
+class BatchIterator:
+    """Endless, seekable, deterministic batches of one rank's part of a dataset, decoded ahead by a thread.
+
+    Batch k depends only on (seed, k, rank, world_size) (see the module docstring for the order); `seek(k)` (before
+    iterating) makes k the next batch. `map(fn)` returns an iterator whose batches are fn(images, kwargs, k), still
+    seekable. rank and world_size default to this process's MPI rank and the number of ranks; `warn` receives
+    the warnings about skipped unreadable images (default: the training logger).
     """
 
-    def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, prefetch: int = 2):
+    def __init__(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, prefetch: int = 2,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 warn: Optional[Callable[[str], None]] = None):
+        if rank is None or world_size is None:
+            rank, world_size = _shard_info()
+        if not 0 <= rank < world_size:
+            raise ValueError("rank %d is not in 0..%d" % (rank, world_size - 1))
         if batch_size <= 0:
             raise DataError("batch size must be positive (got %d): check --batch_size" % batch_size)
-        if len(dataset) < batch_size:
-            raise DataError("the dataset has %d samples, fewer than the batch size %d" % (len(dataset), batch_size))
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        # DistributedSampler(drop_last=False): the order is padded so that every rank gets the same count.
+        self.samples_per_rank = -(-len(dataset) // self.world_size)
+        if self.samples_per_rank < batch_size:
+            raise DataError("the dataset has %d samples (%d per process over %d process(es)), fewer than the batch "
+                            "size %d" % (len(dataset), self.samples_per_rank, self.world_size, batch_size))
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.prefetch = prefetch
-        self.batches_per_epoch = len(dataset) // batch_size  # drop_last, as the reference's DataLoader
+        self.batches_per_epoch = self.samples_per_rank // batch_size  # drop_last, as the reference's DataLoader
         self.position = 0  # index of the next batch returned by __next__
         self._queue: Optional[queue.Queue] = None
         self._stop: Optional[threading.Event] = None
         self._thread: Optional[threading.Thread] = None
         self._order_cache: Dict[int, np.ndarray] = {}
+        self.warn = warn or logger.warn  # where skipped images are reported
+        self.images_read = 0
+        self.bad_files: Dict[str, str] = {}  # path -> reason, each unreadable file once
+
+    @property
+    def bad_images(self) -> int:
+        """How many distinct unreadable images were skipped so far (by this process)."""
+        return len(self.bad_files)
 
     # -- deterministic content --------------------------------------------------------------------------
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices of epoch `epoch` in global order, padded to a multiple of the number of ranks."""
         order = self._order_cache.get(epoch)
         if order is None:
+            n = len(self.dataset)
             if self.shuffle:
-                order = np.random.RandomState((self.seed + epoch) % (2 ** 32)).permutation(len(self.dataset))
+                order = np.random.RandomState((self.seed + epoch) % (2 ** 32)).permutation(n)
             else:
-                order = np.arange(len(self.dataset))
+                order = np.arange(n)
+            padding = self.samples_per_rank * self.world_size - n
+            if padding:
+                order = np.concatenate([order, np.resize(order, padding)])
             self._order_cache = {epoch: order}
         return order
 
+    def sample_keys(self, k: int) -> List[Tuple[int, int]]:
+        """(epoch, global position) of each sample of batch k on this rank: what its random draws are seeded by."""
+        epoch, within = divmod(int(k), self.batches_per_epoch)
+        first = within * self.batch_size
+        return [(epoch, j * self.world_size + self.rank) for j in range(first, first + self.batch_size)]
+
     def make_batch(self, k: int) -> Batch:
-        """Batch number k (0-based), computed from scratch."""
-        epoch, within = divmod(k, self.batches_per_epoch)
-        order = self._epoch_order(epoch)
+        """Batch number k (0-based) of this rank, computed from scratch."""
+        keys = self.sample_keys(k)
+        order = self.epoch_order(keys[0][0])
         samples = []
-        for j in range(within * self.batch_size, (within + 1) * self.batch_size):
-            rng = random.Random((self.seed * 1000003 + epoch) * 1000000007 + j)
-            samples.append(self.dataset.get(int(order[j]), rng))
+        for epoch, position in keys:
+            rng = random.Random(sample_seed(self.seed, epoch, position))
+            samples.append(self._read(order, position, rng))
         images = np.stack([s[0] for s in samples]).astype(np.float32, copy=False)
         cond = {}
         for key in samples[0][1]:
             cond[key] = np.stack([s[1][key] for s in samples])
         return images, cond
+
+    def _read(self, order: np.ndarray, position: int, rng) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """The sample at `position` of the epoch's order; an unreadable image is skipped with a warning (once per
+        file) and replaced by the next readable one in the order, so batches keep their shape and stay
+        deterministic. Too many unreadable images (see MAX_BAD_FRACTION) raise a DataError."""
+        for offset in range(len(order)):
+            index = int(order[(position + offset) % len(order)])
+            self.images_read += 1
+            try:
+                return self.dataset.get(index, rng)
+            except UnreadableImage as exc:
+                if exc.path not in self.bad_files:
+                    self.bad_files[exc.path] = str(exc.reason)
+                    self.warn("warning: skipping unreadable image %s (%s); another image takes its place"
+                                % (exc.path, exc.reason))
+                if len(self.bad_files) > MAX_BAD_FRACTION * max(self.images_read, MIN_READS_FOR_BAD_FRACTION):
+                    shown = ", ".join(sorted(self.bad_files)[:5])
+                    raise DataError(
+                        "%d of the %d images read so far are unreadable (more than %g%%), e.g. %s: fix or remove "
+                        "them and run again (the run continues from its last checkpoint)"
+                        % (len(self.bad_files), self.images_read, 100 * MAX_BAD_FRACTION, shown)) from None
+        raise DataError("no image of the dataset can be read, e.g. %s" % next(iter(self.bad_files)))
 
     # -- iteration -------------------------------------------------------------------------------------
     def seek(self, k: int) -> None:
@@ -319,6 +411,15 @@ class MappedBatchIterator:
         """Make batch k the next one returned (only before iterating)."""
         self.base.seek(k)
 
+    def sample_keys(self, k: int) -> List[Tuple[int, int]]:
+        """(epoch, global position) of each sample of batch k (see BatchIterator.sample_keys)."""
+        return self.base.sample_keys(k)
+
+    @property
+    def bad_images(self) -> int:
+        """How many distinct unreadable images the underlying iterator skipped so far."""
+        return self.base.bad_images
+
     def __iter__(self) -> "MappedBatchIterator":
         return self
 
@@ -393,11 +494,10 @@ def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
 def with_label_dropout(data, p_uncond: float, null_label: int, seed: int = 0):
     """Replace each label by null_label with probability p_uncond (classifier-free guidance training).
 
-    The drop mask of batch k comes from RandomState(seed, k) (plus the MPI rank on ranks other than 0, so ranks
-    do not drop the same positions of their batches), so it is the same after a resume.
+    Whether a sample's label is dropped is drawn from that sample's own seed (its epoch and global position, see
+    sample_seed), so the masks are independent across ranks, the same for any number of ranks, and the same after
+    a resume.
     """
-    rank = _shard_info()[0]
-    extra = [rank] if rank > 0 else []
 
     def drop(images, cond, k):
         if "y" not in cond:
@@ -406,9 +506,9 @@ def with_label_dropout(data, p_uncond: float, null_label: int, seed: int = 0):
         if y.size and (int(y.max()) >= null_label or int(y.min()) < 0):
             raise DataError("the data has class label %d but the model has %d classes: raise --num_classes"
                             % (int(y.max()), null_label))
-        rng = np.random.RandomState([seed % (2 ** 32), k % (2 ** 32), 7] + extra)
-        mask = rng.random_sample(y.shape) < p_uncond
-        y[mask] = null_label
+        draws = np.array([random.Random(sample_seed(seed, epoch, position, stream=1)).random()
+                          for epoch, position in data.sample_keys(k)])
+        y[draws.reshape(y.shape) < p_uncond] = null_label
         cond = dict(cond)
         cond["y"] = y
         return images, cond

@@ -42,7 +42,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
 
     def __init__(self, filename_or_file):
         if isinstance(filename_or_file, str):
-            self.file = open(filename_or_file, "wt")
+            self.file = open(filename_or_file, "at")  # a continued run appends to its log
             self.own_file = True
         else:
             assert hasattr(filename_or_file, "read") or hasattr(filename_or_file, "write"), (
@@ -96,7 +96,7 @@ class JSONOutputFormat(KVWriter):
     """One JSON object per dumpkvs() (progress.json)."""
 
     def __init__(self, filename: str):
-        self.file = open(filename, "wt")
+        self.file = open(filename, "at")  # a continued run appends to its rows
 
     def writekvs(self, kvs: Dict[str, Any]) -> None:
         for k, v in sorted(kvs.items()):
@@ -110,12 +110,21 @@ class JSONOutputFormat(KVWriter):
 
 
 class CSVOutputFormat(KVWriter):
-    """progress.csv: one row per dumpkvs(); the header grows (and old rows are padded) when new keys appear."""
+    """progress.csv: one row per dumpkvs(); the header grows (and old rows are padded) when new keys appear.
+
+    An existing file (a continued run) keeps its rows: new rows are appended under its header.
+    """
 
     def __init__(self, filename: str):
-        self.file = open(filename, "w+t")
-        self.keys: List[str] = []
         self.sep = ","
+        self.keys: List[str] = []
+        if os.path.isfile(filename):
+            self.file = open(filename, "r+t")
+            header = self.file.readline().rstrip("\n")
+            self.keys = header.split(self.sep) if header else []
+            self.file.seek(0, os.SEEK_END)
+        else:
+            self.file = open(filename, "w+t")
 
     def writekvs(self, kvs: Dict[str, Any]) -> None:
         extra_keys = list(kvs.keys() - self.keys)

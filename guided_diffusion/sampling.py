@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from .errors import CheckpointError, UserError
+from . import seeding
+from .errors import CheckpointError, InputCheck, UserError
 
 SampleBatchFn = Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]]
 
@@ -217,10 +218,8 @@ def generate_samples(
 
     from . import dist_util
 
-    if num_samples < 1:
-        raise UserError("--num_samples must be at least 1 (got %d)" % num_samples)
-    if batch_size < 1:
-        raise UserError("--batch_size must be at least 1 (got %d)" % batch_size)
+    check_count(num_samples, "--num_samples")
+    check_count(batch_size, "--batch_size")
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     sizes = _batch_sizes(num_samples, batch_size)
     nbatches = len(sizes)
@@ -402,8 +401,8 @@ FLAG_HELP: Dict[str, str] = {
     "clip_denoised": "clamp each predicted x_0 to [-1, 1] while sampling (reference default True)",
     "num_samples": "number of images to generate in total (split across MPI ranks)",
     "batch_size": "images per batch (each MPI rank samples one batch at a time)",
-    "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM; pair it with --timestep_respacing ddimN, "
-                "e.g. ddim25",
+    "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM; usually with few steps, e.g. "
+                "--timestep_respacing ddim25 (any spacing works)",
     "model_path": "diffusion model checkpoint (.pt), e.g. models/256x256_diffusion.pt (scripts/download_models.py)",
     "classifier_path": "noisy-image classifier checkpoint (.pt), e.g. models/256x256_classifier.pt",
     "classifier_scale": "strength of classifier guidance: the gradient of log p(y|x_t) is multiplied by this",
@@ -412,7 +411,7 @@ FLAG_HELP: Dict[str, str] = {
     "class_labels": "comma-separated class ids used in turn for the samples (e.g. 207 or 1,2,3); "
                     "empty: a random class per sample",
     "timestep_respacing": "sampling steps taken from --diffusion_steps: a number (e.g. 250), comma-separated "
-                          "section counts, or ddimN (e.g. ddim25, for --use_ddim True); empty: all steps",
+                          "section counts, or ddimN (DDIM's even stride, e.g. ddim25); empty: all steps",
     "diffusion_steps": "number of steps of the diffusion process the model was trained with",
     "use_fp16": "run the model's convolutions in float16 (GPU only; on a CPU the model stays float32 with a notice)",
     "classifier_use_fp16": "run the classifier in float16 (GPU only; on a CPU it stays float32)",
@@ -462,14 +461,11 @@ def document_flags(parser, extra: Optional[Mapping[str, str]] = None) -> None:
             action.help = helps[action.dest]
 
 
-def check_respacing(timestep_respacing: str, diffusion_steps: int, use_ddim: bool) -> None:
-    """Refuse a --timestep_respacing that cannot be used (with DDIM: only "ddimN" or a number)."""
+def check_respacing(timestep_respacing: str, diffusion_steps: int, use_ddim: bool = False) -> None:
+    """Refuse a --timestep_respacing that does not fit --diffusion_steps (every sampler takes any spacing)."""
     from .respace import space_timesteps
 
     spacing = (timestep_respacing or "").strip()
-    if use_ddim and spacing and not re.fullmatch(r"ddim\d+", spacing) and not spacing.isdigit():
-        raise UserError("--use_ddim True needs --timestep_respacing ddimN (e.g. ddim25) or a number of steps "
-                        "(e.g. 25), got %r" % timestep_respacing)
     if not spacing:
         return
     try:
@@ -479,6 +475,21 @@ def check_respacing(timestep_respacing: str, diffusion_steps: int, use_ddim: boo
                         % (timestep_respacing, diffusion_steps, exc)) from None
     if not kept:
         raise UserError("--timestep_respacing %r keeps no step; use e.g. 250 or ddim25" % timestep_respacing)
+
+
+def check_count(value: int, flag: str) -> None:
+    """Refuse a count flag (--num_samples, --batch_size, ...) below 1."""
+    if value < 1:
+        raise UserError("%s must be at least 1 (got %d)" % (flag, value))
+
+
+def check_sampling_flags(check: InputCheck, args) -> None:
+    """Record, in `check`, the problems of the flags every sampling script shares (counts, respacing)."""
+    for flag in ("num_samples", "batch_size"):
+        if hasattr(args, flag):
+            check(check_count, getattr(args, flag), "--" + flag)
+    if hasattr(args, "timestep_respacing"):
+        check(check_respacing, args.timestep_respacing, getattr(args, "diffusion_steps", 1000))
 
 
 def require_file(path: str, *, what: str, flag: str) -> None:
@@ -565,14 +576,8 @@ def parse_class_labels(spec: str, num_classes: int) -> Optional[List[int]]:
 
 def seed_batch(seed: int, batch_index: int) -> np.random.RandomState:
     """Seed Jittor/numpy/random for one batch from (seed, batch_index); returns a numpy RNG for its labels."""
-    import jittor as jt
-
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index)]).generate_state(2)
-    # Jittor is lazy: random ops created earlier but not yet run (e.g. the random initial weights of a model
-    # that was then loaded from a checkpoint) would run after the reseed and shift this batch's random stream.
-    jt.sync_all()
-    jt.set_global_seed(int(state[0] % (2 ** 31 - 1)), different_seed_for_mpi=False)
-    return np.random.RandomState(int(state[1]))
+    seeding.seed_all(seed, batch_index)
+    return np.random.RandomState(seeding.derive_seed(seed, batch_index, 1))
 
 
 def batch_labels(rng: np.random.RandomState, batch_index: int, batch_size: int, n: int, num_classes: int,

@@ -15,19 +15,21 @@ Differences from the reference, on purpose:
   "exp_avg_sq"}}, "param_groups": [...]}).
 """
 
+import contextlib
 import functools
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import jittor as jt
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, dist_util, logger
-from .errors import CheckpointError
-from .fp16_util import MixedPrecisionTrainer
+from . import checkpoint, checkpoint_sets, dist_util, logger, seeding
+from .errors import CheckpointError, InputCheck, UserError
+from .fp16_util import MixedPrecisionTrainer, sums_of_squares
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .run_guard import RunGuard
 
 # For ImageNet experiments, this was a good default value.
 # We found that the lg_loss_scale quickly climbed to
@@ -177,19 +179,61 @@ def _to_var(x, dtype: Optional[str] = None) -> jt.Var:
     return v.cast(dtype) if dtype is not None and v.dtype != dtype else v
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The RNG seed of training step `step` (jt.set_global_seed adds an offset per MPI rank)."""
-    return (int(seed) * 1000003 + int(step) * 7919 + 17) % (2 ** 31 - 1)
+# The first key of each random stream of a training run (seeding.derive_seed keys).
+_INIT_STREAM, _STEP_STREAM = 0, 1
 
 
 def seed_training_step(seed: int, step: int) -> None:
-    """Seed Python, numpy and Jittor for training step `step`, so its draws do not depend on earlier steps.
+    """Seed Python, numpy and Jittor for training step `step` on this rank, so its draws (timesteps, noise,
+    dropout) depend on (seed, step, rank) alone: the same after a resume, different on every rank and step."""
+    seeding.seed_all(_STEP_STREAM, seed, step, dist_util.get_rank())
 
-    Jittor draws random numbers when an op executes, not when it is created, so pending work (e.g. the random
-    initialisation of a model whose weights were then loaded) is executed first.
+
+@contextlib.contextmanager
+def seeded_initialisation(seed: int):
+    """Build models inside this block: their random initial weights then depend on `seed` alone (on every rank).
+
+    Jittor draws random numbers when an op executes, so the new model's initial values are drawn before the block
+    ends.
     """
+    seeding.seed_all(_INIT_STREAM, seed)
+    yield
     jt.sync_all()
-    jt.set_global_seed(step_seed(seed, step))
+
+
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+def check_training_flags(check: InputCheck, args) -> None:
+    """Record, in `check`, the problems of the flags the ADM training scripts share (before anything is built)."""
+    for flag in ("batch_size", "log_interval", "save_interval", "iterations", "eval_interval"):
+        if hasattr(args, flag) and getattr(args, flag) < 1:
+            check.problem("--%s must be at least 1 (got %d)" % (flag, getattr(args, flag)))
+    if getattr(args, "microbatch", -1) == 0 or getattr(args, "microbatch", -1) < -1:
+        check.problem("--microbatch must be -1 (no split) or at least 1 (got %d)" % args.microbatch)
+    if getattr(args, "lr", 0.0) < 0 or getattr(args, "weight_decay", 0.0) < 0:
+        check.problem("--lr and --weight_decay must not be negative (got %g, %g)" % (args.lr, args.weight_decay))
+    if getattr(args, "lr_anneal_steps", 0) < 0:
+        check.problem("--lr_anneal_steps must be 0 (train forever) or positive (got %d)" % args.lr_anneal_steps)
+    if hasattr(args, "ema_rate"):
+        try:
+            rates = parse_ema_rates(args.ema_rate)
+        except ValueError:
+            rates = []
+        if not rates or not all(0.0 <= r < 1.0 for r in rates):
+            check.problem("--ema_rate %r must be comma-separated rates in [0, 1), e.g. 0.9999 or 0.9999,0.999"
+                          % (args.ema_rate,))
+    if getattr(args, "schedule_sampler", "uniform") not in SCHEDULE_SAMPLERS:
+        check.problem("unknown --schedule_sampler %r: use %s" % (args.schedule_sampler, " or ".join(SCHEDULE_SAMPLERS)))
+    if getattr(args, "resume_checkpoint", ""):
+        check(check_resume_checkpoint, args.resume_checkpoint)
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Refuse a --resume_checkpoint that is not an existing file."""
+    if not os.path.isfile(path):
+        raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
+                              "written by a previous run" % path)
 
 
 def parse_ema_rates(ema_rate: Union[float, str, Sequence[float]]) -> List[float]:
@@ -250,7 +294,8 @@ class TrainLoop:
         self.resume_step = 0
         self.global_batch = self.batch_size * dist_util.get_world_size()
 
-        self._load_and_sync_parameters()
+        self.resumed_from = self._load_and_sync_parameters()
+        self.guard = RunGuard(log=logger.log, last_checkpoint=self.resumed_from)
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model,
             use_fp16=self.use_fp16,
@@ -258,6 +303,7 @@ class TrainLoop:
         )
 
         self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        self._step_losses: Dict[str, List[float]] = {}
         if self.resume_step:
             self._load_optimizer_state()
             # Model was resumed, either due to a restart or a checkpoint being specified at the command line.
@@ -273,53 +319,68 @@ class TrainLoop:
     def _copy_params(params: Sequence[jt.Var]) -> List[jt.Var]:
         return [jt.array(np.array(p.numpy(), copy=True)).stop_grad() for p in params]
 
-    def _load_and_sync_parameters(self) -> None:
-        resume_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
+    def _load_and_sync_parameters(self) -> Optional[str]:
+        """Load --resume_checkpoint, else the newest whole set in the log dir (a rerun continues); return it."""
+        resume_checkpoint = self.resume_checkpoint or find_resume_checkpoint(get_blob_logdir(), self.ema_rate)
+        if resume_checkpoint and not self.resume_checkpoint:
+            logger.log(f"continuing the run in {get_blob_logdir()} from its newest complete checkpoint set: "
+                       f"{os.path.basename(resume_checkpoint)} (pass --resume_checkpoint to choose another)")
         if resume_checkpoint:
+            check_resume_checkpoint(resume_checkpoint)
+            step = parse_resume_step_from_filename(resume_checkpoint)
+            if step:
+                checkpoint_sets.check_whole_set(resume_checkpoint, step, self.ema_rate)
             self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint)
+            if not self.resume_step:
+                logger.log(f"notice: {resume_checkpoint} is not a modelNNNNNN.pt of a run (e.g. a released "
+                           f"checkpoint): training starts from its weights at step 0, with the EMA starting from "
+                           f"them and a fresh optimizer")
         dist_util.sync_params(self.model.parameters())
+        self.resume_checkpoint = resume_checkpoint or ""
+        return resume_checkpoint
 
     def _load_ema_parameters(self, rate: float) -> List[jt.Var]:
-        ema_params = self._copy_params(self.mp_trainer.master_params)
-        main_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
-        ema_checkpoint = find_ema_checkpoint(main_checkpoint, self.resume_step, rate)
-        if ema_checkpoint:
-            logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
-            state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
-            ema_params = [p.stop_grad() for p in
-                          self.mp_trainer.state_dict_to_master_params(state_dict, source=ema_checkpoint)]
-        else:
-            logger.log(f"no EMA checkpoint for rate {rate} beside {main_checkpoint}: starting the EMA from the model")
+        ema_checkpoint = os.path.join(os.path.dirname(self.resume_checkpoint),
+                                      checkpoint_sets.ema_name(rate, self.resume_step))
+        logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
+        state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
+        ema_params = [p.stop_grad() for p in
+                      self.mp_trainer.state_dict_to_master_params(state_dict, source=ema_checkpoint)]
         dist_util.sync_params(ema_params)
         return ema_params
 
     def _load_optimizer_state(self) -> None:
-        main_checkpoint = find_resume_checkpoint() or self.resume_checkpoint
-        opt_checkpoint = os.path.join(os.path.dirname(main_checkpoint), f"opt{self.resume_step:06}.pt")
-        if os.path.exists(opt_checkpoint):
-            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
-            self.opt.load_state_dict(state_dict, source=opt_checkpoint)
-        else:
-            logger.log(f"no optimizer state {opt_checkpoint}: starting AdamW afresh")
+        opt_checkpoint = os.path.join(os.path.dirname(self.resume_checkpoint),
+                                      checkpoint_sets.opt_name(self.resume_step))
+        logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+        state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
+        self.opt.load_state_dict(state_dict, source=opt_checkpoint)
+        if "lg_loss_scale" in state_dict:  # the fp16 loss scale, so that a resumed fp16 run continues exactly
+            self.mp_trainer.lg_loss_scale = float(np.asarray(state_dict["lg_loss_scale"]).reshape(-1)[0])
 
     def run_loop(self) -> None:
         """Train until lr_anneal_steps (forever when 0), logging and saving at the configured intervals."""
         progress = tqdm(total=self.lr_anneal_steps or None, initial=self.resume_step, desc="training",
                         unit="step", disable=not dist_util.is_main_process(), dynamic_ncols=True)
-        while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            progress.update(1)
-            if (self.step + self.resume_step) % self.log_interval == 0:
-                logger.dumpkvs()
-            self.step += 1
-            if (self.step + self.resume_step) % self.save_interval == 0:
-                self.save()
-                # Run for a finite amount of time in integration tests.
-                if os.environ.get("DIFFUSION_TRAINING_TEST", "") and self.step > 0:
-                    progress.close()
-                    return
+        with self.guard:
+            while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                progress.update(1)
+                if (self.step + self.resume_step) % self.log_interval == 0:
+                    logger.dumpkvs()
+                self.step += 1
+                done = self.step + self.resume_step
+                stop = self.guard.after_step(done, {k: float(np.mean(v)) for k, v in self._step_losses.items()})
+                if done % self.save_interval == 0 or stop:
+                    path = self.save()
+                    if stop:
+                        progress.close()
+                        self.guard.exit_after_save(done, path)
+                    # Run for a finite amount of time in integration tests.
+                    if os.environ.get("DIFFUSION_TRAINING_TEST", "") and self.step > 0:
+                        progress.close()
+                        return
         progress.close()
         # Save the last checkpoint if it wasn't already saved.
         if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
@@ -327,11 +388,17 @@ class TrainLoop:
 
     def run_step(self, batch, cond) -> None:
         """One optimizer step on a batch (numpy or Vars), seeded from the global step number."""
-        seed_training_step(self.seed, self.step + self.resume_step)
+        step = self.step + self.resume_step
+        seed_training_step(self.seed, step)
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
+            self.guard.took_step()
             self._update_ema()
+        elif self.mp_trainer.use_fp16:
+            self.guard.skipped_step(step + 1, self.mp_trainer.lg_loss_scale)
+        else:
+            self.guard.nonfinite_gradients(step + 1, {k: float(np.mean(v)) for k, v in self._step_losses.items()})
         self._anneal_lr()
         self.log_step()
         jt.sync(self._state_vars())
@@ -348,6 +415,7 @@ class TrainLoop:
     def forward_backward(self, batch, cond) -> None:
         """Accumulate the gradients of the weighted diffusion loss over the microbatches of a batch."""
         self.mp_trainer.zero_grad()
+        self._step_losses = {}
         batch = _to_numpy(batch) if not isinstance(batch, jt.Var) else batch
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
@@ -375,6 +443,8 @@ class TrainLoop:
             if isinstance(self.schedule_sampler, LossAwareSampler):
                 self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
             log_loss_dict(self.diffusion, t, weighted)
+            for k, v in weighted.items():
+                self._step_losses.setdefault(k, []).append(float(v.numpy().mean()))
 
     def _update_ema(self) -> None:
         for rate, params in zip(self.ema_rate, self.ema_params):
@@ -391,23 +461,32 @@ class TrainLoop:
     def log_step(self) -> None:
         logger.logkv("step", self.step + self.resume_step)
         logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+        log_bad_images(self.data)
 
-    def save(self) -> None:
-        """Write ema_<rate>_N.pt, optN.pt and modelN.pt (N = optimizer steps done) into the log dir (rank 0)."""
+    def save(self) -> Optional[str]:
+        """Write ema_<rate>_N.pt, optN.pt and modelN.pt (N = optimizer steps done) into the log dir (rank 0).
+
+        Weights that went non-finite are never written; the model file comes last (see checkpoint_sets).
+        Returns the model file's path.
+        """
         step = self.step + self.resume_step
+        tensors = list(self.mp_trainer.master_params) + [p for params in self.ema_params for p in params]
+        self.guard.check_finite_weights(step, sums_of_squares(tensors))
+        files = []
         if dist_util.is_main_process():
-            # Numpy copies first (Jittor ops run on every rank), then the files; the model file comes last so
-            # that its presence means the EMA and optimizer files of that step are complete too.
-            files = []
+            # Numpy copies first (Jittor ops run on every rank), then the files.
             for rate, params in zip(self.ema_rate, self.ema_params):
-                files.append((f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params)))
-            files.append((f"opt{step:06d}.pt", self.opt.state_dict()))
-            files.append((f"model{step:06d}.pt",
+                files.append((checkpoint_sets.ema_name(rate, step), self.mp_trainer.master_params_to_state_dict(params)))
+            opt_state = self.opt.state_dict()
+            if self.mp_trainer.use_fp16:
+                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
+            files.append((checkpoint_sets.opt_name(step), opt_state))
+            files.append((checkpoint_sets.model_name(step),
                           self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)))
-            for filename, obj in files:
-                logger.log(f"saving {filename}...")
-                checkpoint.save_file(obj, os.path.join(get_blob_logdir(), filename))
-        dist_util.barrier()
+        path = os.path.join(get_blob_logdir(), checkpoint_sets.model_name(step))
+        save_on_main_process(lambda: checkpoint_sets.write_set(get_blob_logdir(), files, log=logger.log))
+        self.guard.saved(path)
+        return path
 
 
 class ClassifierTrainLoop:
@@ -454,20 +533,30 @@ class ClassifierTrainLoop:
         self.seed = seed
 
         self.resume_step = 0
+        explicit = bool(resume_checkpoint)
+        resume_checkpoint = resume_checkpoint or find_resume_checkpoint(logger.get_dir())
+        if resume_checkpoint and not explicit:
+            logger.log(f"continuing the run in {logger.get_dir()} from its newest complete checkpoint set: "
+                       f"{os.path.basename(resume_checkpoint)} (pass --resume_checkpoint to choose another)")
         if resume_checkpoint:
+            check_resume_checkpoint(resume_checkpoint)
+            step = parse_resume_step_from_filename(resume_checkpoint)
+            if step:
+                checkpoint_sets.check_whole_set(resume_checkpoint, step, ())
             self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint, log_step=True)
         dist_util.sync_params(self.model.parameters())
+        self.guard = RunGuard(log=logger.log, last_checkpoint=resume_checkpoint or None)
 
         self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, initial_lg_loss_scale=16.0)
         self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        self._step_losses: Dict[str, float] = {}
         if self.resume_step:
-            opt_checkpoint = os.path.join(os.path.dirname(resume_checkpoint), f"opt{self.resume_step:06}.pt")
-            if not os.path.isfile(opt_checkpoint):
-                raise CheckpointError("optimizer state %s (written with %s) is missing: put it beside the model "
-                                      "checkpoint" % (opt_checkpoint, os.path.basename(resume_checkpoint)))
+            opt_checkpoint = os.path.join(os.path.dirname(resume_checkpoint), checkpoint_sets.opt_name(self.resume_step))
             logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev()),
-                                     source=opt_checkpoint)
+            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
+            self.opt.load_state_dict(state_dict, source=opt_checkpoint)
+            if "lg_loss_scale" in state_dict:
+                self.mp_trainer.lg_loss_scale = float(np.asarray(state_dict["lg_loss_scale"]).reshape(-1)[0])
             if hasattr(self.data, "seek"):
                 self.data.seek(self.resume_step)
             if self.val_data is not None and hasattr(self.val_data, "seek"):
@@ -502,44 +591,63 @@ class ClassifierTrainLoop:
                 f"{prefix}_acc@5": compute_top_k(logits_np, labels_np, k=5, reduction="none"),
             }
             log_loss_dict(self.diffusion, sub_t, losses)
+            if prefix == "train":
+                self._step_losses["train_loss"] = float(np.mean(losses["train_loss"]))
 
     def run_loop(self) -> None:
         """Train for `iterations` optimizer steps in total (counting the resumed ones)."""
         step = self.resume_step
         progress = tqdm(total=self.iterations, initial=step, desc="training classifier", unit="step",
                         disable=not dist_util.is_main_process(), dynamic_ncols=True)
-        while step < self.iterations:
-            seed_training_step(self.seed, step)
-            logger.logkv("step", step)
-            logger.logkv("samples", (step + 1) * self.batch_size * dist_util.get_world_size())
-            if self.anneal_lr:
-                set_annealed_lr(self.opt, self.lr, step / self.iterations)
-            self.forward_backward_log(self.data)
-            self.mp_trainer.optimize(self.opt)
-            if self.val_data is not None and step % self.eval_interval == 0:
-                with jt.no_grad():
-                    self.model.eval()
-                    self.forward_backward_log(self.val_data, prefix="val")
-                    self.model.train()
-            if step % self.log_interval == 0:
-                logger.dumpkvs()
-            jt.sync(list(self.mp_trainer.master_params) + [v for pg in self.opt.param_groups
-                                                            for v in pg["m"] + pg["values"]])
-            step += 1
-            progress.update(1)
-            if step % self.save_interval == 0 or step == self.iterations:
-                self.save(step)
+        with self.guard:
+            while step < self.iterations:
+                seed_training_step(self.seed, step)
+                logger.logkv("step", step)
+                logger.logkv("samples", (step + 1) * self.batch_size * dist_util.get_world_size())
+                log_bad_images(self.data)
+                if self.anneal_lr:
+                    set_annealed_lr(self.opt, self.lr, step / self.iterations)
+                self.forward_backward_log(self.data)
+                if self.mp_trainer.optimize(self.opt):
+                    self.guard.took_step()
+                elif self.mp_trainer.use_fp16:
+                    self.guard.skipped_step(step + 1, self.mp_trainer.lg_loss_scale)
+                else:
+                    self.guard.nonfinite_gradients(step + 1, self._step_losses)
+                if self.val_data is not None and step % self.eval_interval == 0:
+                    with jt.no_grad():
+                        self.model.eval()
+                        self.forward_backward_log(self.val_data, prefix="val")
+                        self.model.train()
+                if step % self.log_interval == 0:
+                    logger.dumpkvs()
+                jt.sync(list(self.mp_trainer.master_params) + [v for pg in self.opt.param_groups
+                                                                for v in pg["m"] + pg["values"]])
+                step += 1
+                progress.update(1)
+                stop = self.guard.after_step(step, self._step_losses)
+                if step % self.save_interval == 0 or step == self.iterations or stop:
+                    path = self.save(step)
+                    if stop:
+                        progress.close()
+                        self.guard.exit_after_save(step, path)
         progress.close()
 
-    def save(self, step: int) -> None:
-        """Write optNNNNNN.pt then modelNNNNNN.pt (rank 0)."""
+    def save(self, step: int) -> str:
+        """Write optNNNNNN.pt then modelNNNNNN.pt (rank 0; never non-finite weights); returns the model file."""
+        self.guard.check_finite_weights(step, sums_of_squares(list(self.mp_trainer.master_params)))
+        files = []
         if dist_util.is_main_process():
             opt_state = self.opt.state_dict()
-            model_state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
-            logger.log("saving model...")
-            checkpoint.save_file(opt_state, os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
-            checkpoint.save_file(model_state, os.path.join(logger.get_dir(), f"model{step:06d}.pt"))
-        dist_util.barrier()
+            if self.mp_trainer.use_fp16:
+                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
+            files = [(checkpoint_sets.opt_name(step), opt_state),
+                     (checkpoint_sets.model_name(step),
+                      self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params))]
+        save_on_main_process(lambda: checkpoint_sets.write_set(logger.get_dir(), files, log=logger.log))
+        path = os.path.join(logger.get_dir(), checkpoint_sets.model_name(step))
+        self.guard.saved(path)
+        return path
 
 
 def set_annealed_lr(opt, base_lr: float, frac_done: float) -> None:
@@ -584,9 +692,7 @@ def split_microbatches(microbatch: int, *args):
 
 def load_resume_checkpoint(model, resume_checkpoint: str, log_step: bool = False) -> int:
     """Load --resume_checkpoint strictly into `model`; returns the step parsed from its file name."""
-    if not os.path.isfile(resume_checkpoint):
-        raise CheckpointError("--resume_checkpoint %r does not exist: pass the path of a model%%06d.pt file "
-                              "written by a previous run" % resume_checkpoint)
+    check_resume_checkpoint(resume_checkpoint)
     resume_step = parse_resume_step_from_filename(resume_checkpoint)
     logger.log(f"loading model from checkpoint: {resume_checkpoint}..."
                + (f" at {resume_step} step" if log_step else ""))
@@ -615,11 +721,37 @@ def get_blob_logdir() -> str:
     return logger.get_dir()
 
 
-def find_resume_checkpoint() -> Optional[str]:
-    """Hook for automatic resumption on an infrastructure that keeps checkpoints elsewhere (none here)."""
-    # On your infrastructure, you may want to override this to automatically
-    # discover the latest checkpoint on your blob storage, etc.
-    return None
+def find_resume_checkpoint(log_dir: Optional[str] = None, ema_rates: Sequence[float] = ()) -> Optional[str]:
+    """The newest whole checkpoint set's model file in log_dir, so that rerunning a command continues its run.
+
+    (The reference's hook for automatic resumption; override it for checkpoints kept elsewhere.)
+    """
+    found = checkpoint_sets.newest_whole_set(log_dir, ema_rates) if log_dir else None
+    return found[0] if found else None
+
+
+def save_on_main_process(write: Callable[[], Any]) -> None:
+    """Run `write` on rank 0 and let every rank know whether it worked, so a failed save stops all ranks together
+    (instead of leaving the others waiting at a barrier)."""
+    failure: Optional[BaseException] = None
+    if dist_util.is_main_process():
+        try:
+            write()
+        except Exception as exc:  # re-raised below, after the other ranks learn of it
+            failure = exc
+    failed = dist_util.all_reduce_sum_array(np.array([failure is not None], dtype=np.int64))
+    if failure is not None:
+        raise failure
+    if failed[0]:
+        raise UserError("rank 0 could not write the checkpoint (see its error in log.txt); the earlier checkpoints "
+                        "are intact")
+
+
+def log_bad_images(data) -> None:
+    """Log how many unreadable images the data iterator skipped so far (when it skipped any)."""
+    bad = getattr(data, "bad_images", 0)
+    if bad:
+        logger.logkv("bad_images", bad)
 
 
 def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
@@ -665,6 +797,8 @@ TRAIN_FLAG_HELP = {
     "log_interval": "dump the logged values every this many steps",
     "save_interval": "write model/ema/opt checkpoints every this many steps",
     "resume_checkpoint": "modelNNNNNN.pt to resume from (its EMA and opt files beside it are used too)",
+    "seed": "seed of the initial weights, data order, augmentations, noise and timesteps (the same command, seed and "
+            "number of MPI ranks give the same run; a resumed run continues the same streams)",
     "use_fp16": "mixed precision with dynamic loss scaling (CUDA only; on the CPU the model stays float32)",
     "fp16_scale_growth": "log2 loss-scale growth per successful fp16 step",
     "image_size": "training image size (images are resized and centre-cropped)",

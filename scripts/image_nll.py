@@ -5,13 +5,18 @@ Approximate the bits/dimension for an image model.
 import argparse
 
 from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import run_cli
-from guided_diffusion.image_datasets import load_data
+from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.image_datasets import check_data_dir, load_data
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 
 def main():
     args = create_argparser().parse_args()
+    check = InputCheck()
+    sampling.check_sampling_flags(check, args)
+    check(check_data_dir, args.data_dir)
+    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()

@@ -6,19 +6,22 @@ produce samples for FID evaluation.
 import argparse
 
 from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import UserError, run_cli
+from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.script_util import NUM_CLASSES, add_dict_to_argparser, model_and_diffusion_defaults
 
 
 def main():
     args = create_argparser().parse_args()
+    check = InputCheck()
+    sampling.check_sampling_flags(check, args)
+    fixed = check(sampling.parse_class_labels, args.class_labels, NUM_CLASSES)
+    if fixed and not args.class_cond:
+        check.problem("--class_labels needs a class-conditional model: add --class_cond True")
+    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
-
-    fixed = sampling.parse_class_labels(args.class_labels, NUM_CLASSES)
-    if fixed and not args.class_cond:
-        raise UserError("--class_labels needs a class-conditional model: add --class_cond True")
 
     logger.log("creating model and diffusion...")
     model, diffusion = sampling.load_model_and_diffusion(

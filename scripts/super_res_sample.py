@@ -6,7 +6,7 @@ from image_sample.py.
 import argparse
 
 from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import run_cli
+from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     sr_create_model_and_diffusion,
@@ -16,11 +16,14 @@ from guided_diffusion.script_util import (
 
 def main():
     args = create_argparser().parse_args()
+    check = InputCheck()
+    sampling.check_sampling_flags(check, args)
+    base = check(sampling.BaseSamples, args.base_samples, args.small_size, args.class_cond)
+    check(sampling.require_file, args.model_path, what="super-resolution model", flag="--model_path")
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
-
-    base = sampling.BaseSamples(args.base_samples, args.small_size, args.class_cond)
 
     logger.log("creating model...")
     model, diffusion = sampling.load_model_and_diffusion(

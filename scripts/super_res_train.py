@@ -9,8 +9,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.errors import run_cli  # noqa: E402
-from guided_diffusion.image_datasets import area_downsample, load_data  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
+from guided_diffusion.image_datasets import area_downsample, check_data_dir, load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -18,7 +18,13 @@ from guided_diffusion.script_util import (  # noqa: E402
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TRAIN_FLAG_HELP, TrainLoop, set_flag_help  # noqa: E402
+from guided_diffusion.train_util import (  # noqa: E402
+    TRAIN_FLAG_HELP,
+    TrainLoop,
+    check_training_flags,
+    seeded_initialisation,
+    set_flag_help,
+)
 
 SR_FLAG_HELP = dict(
     TRAIN_FLAG_HELP,
@@ -29,14 +35,21 @@ SR_FLAG_HELP = dict(
 
 def main() -> None:
     args = create_argparser().parse_args()
+    check = InputCheck()
+    check_training_flags(check, args)
+    check(check_data_dir, args.data_dir)
+    if not 0 < args.small_size <= args.large_size:
+        check.problem("--small_size %d must lie in 1..--large_size (%d)" % (args.small_size, args.large_size))
+    check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model...")
-    model, diffusion = sr_create_model_and_diffusion(
-        **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    )
+    with seeded_initialisation(args.seed):
+        model, diffusion = sr_create_model_and_diffusion(
+            **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+        )
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -46,6 +59,7 @@ def main() -> None:
         large_size=args.large_size,
         small_size=args.small_size,
         class_cond=args.class_cond,
+        seed=args.seed,
     )
 
     logger.log("training...")
@@ -65,16 +79,18 @@ def main() -> None:
         schedule_sampler=schedule_sampler,
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
+        seed=args.seed,
     ).run_loop()
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, seed=0):
     """Training batches of large_size images with model_kwargs["low_res"] (area-downsampled to small_size)."""
     data = load_data(
         data_dir=data_dir,
         batch_size=batch_size,
         image_size=large_size,
         class_cond=class_cond,
+        seed=seed,
     )
 
     def add_low_res(large_batch, model_kwargs, _index):
@@ -100,6 +116,7 @@ def create_argparser() -> argparse.ArgumentParser:
         resume_checkpoint="",
         use_fp16=False,
         fp16_scale_growth=1e-3,
+        seed=0,
     )
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

@@ -76,6 +76,14 @@ def test_classifier_sample_reports_missing_classifier(tmp_path):
     assert no_samples_npz(tmp_path)
 
 
+def test_classifier_sample_names_every_input_problem_at_once(tmp_path):
+    proc = run_script("classifier_sample.py", unet_flags() + ["--timestep_respacing", "ddimX", "--model_path",
+                                                              UNET, "--num_samples", "0"], tmp_path)
+    assert_user_error(proc, "3 problems", "--timestep_respacing 'ddimX'", "--classifier_path is required",
+                      "--num_samples must be at least 1")
+    assert "Traceback" not in proc.stderr and no_samples_npz(tmp_path)
+
+
 def test_classifier_sample_reports_checkpoint_not_fitting_flags(tmp_path, classifier_path):
     args = _common(classifier_path) + ["--class_cond", "False"]  # the fixture UNet is class-conditional
     proc = run_script("classifier_sample.py", args, tmp_path)
@@ -88,10 +96,11 @@ def test_classifier_sample_rejects_label_outside_the_classes(tmp_path, classifie
     assert_user_error(proc, "--class_labels", "0..999")
 
 
-def test_classifier_sample_rejects_ddim_with_section_spacing(tmp_path, classifier_path):
-    args = _common(classifier_path) + ["--timestep_respacing", "10,15,20"]
+def test_classifier_sample_runs_ddim_on_a_section_spacing_as_the_reference(tmp_path, classifier_path):
+    args = _common(classifier_path) + ["--timestep_respacing", "3,2", "--num_samples", 1, "--batch_size", 1]
     proc = run_script("classifier_sample.py", args, tmp_path)
-    assert_user_error(proc, "--use_ddim True needs --timestep_respacing ddimN")
+    assert_ok(proc)
+    assert load_samples(os.path.join(tmp_path, "samples_1x64x64x3.npz"))["arr_0"].shape == (1, 64, 64, 3)
 
 
 README_COMMANDS = [

@@ -4,6 +4,7 @@ the README's flags, download.find_model."""
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import jittor as jt  # noqa: F401
 
 from guided_diffusion.checkpoint import load_file, save_file
 from guided_diffusion.errors import CheckpointError, DownloadError
+from training_helpers import stop_and_continue, training_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIT = os.path.join(ROOT, "DiT")
@@ -81,7 +83,18 @@ def test_train_writes_checkpoints_and_resumes_exactly(tmp_path):
     resumed = load_file(str(run1 / "checkpoints" / "0000002.pt"))
     for key in ("model", "ema"):
         for name, value in ckpt[key].items():
-            np.testing.assert_allclose(resumed[key][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_array_equal(resumed[key][name], value, err_msg=name)
+
+    # a fresh run of the same command (same --global-seed, another --results-dir) is the same run, initial weights
+    # included; another seed is another run
+    fresh = [a if a != "res" else "fresh" for a in common]
+    _run("train.py", fresh + ["--epochs", "1"], tmp_path)
+    _run("train.py", fresh + ["--epochs", "1", "--global-seed", "1"], tmp_path)
+    again = load_file(str(tmp_path / "fresh" / "000-DiT-S-4" / "checkpoints" / "0000002.pt"))
+    other = load_file(str(tmp_path / "fresh" / "001-DiT-S-4" / "checkpoints" / "0000002.pt"))
+    for name, value in ckpt["model"].items():
+        np.testing.assert_array_equal(again["model"][name], value, err_msg=name)
+    assert np.abs(other["model"]["x_embedder.proj.weight"] - ckpt["model"]["x_embedder.proj.weight"]).max() > 0.01
 
 
 def test_train_accepts_the_readme_command_flags():
@@ -113,6 +126,25 @@ def test_sample_with_a_missing_vae_folder_says_what_to_place(tmp_path):
     proc = _run("sample.py", args, tmp_path, expect_ok=False)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no_vae" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_sample_names_a_missing_checkpoint_and_the_missing_vae_folder_together(tmp_path):
+    proc = _run("sample.py", ["--ckpt", str(tmp_path / "nonexistent" / "dit.pt")], tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr[proc.stderr.index("error: "):]
+    assert "2 problems" in message and "nonexistent" in message and "--ckpt" in message
+    assert "sd-vae-ft-mse" in message and "config.json" in message
+    assert not (tmp_path / "stabilityai").exists()  # nothing was downloaded or created
+
+
+def test_train_names_every_input_problem_at_once(tmp_path):
+    args = ["--model", "DiT-S/4", "--image-size", "31", "--vae-path", VAE_DIR, "--data-path",
+            str(tmp_path / "missing"), "--log-every", "0", "--resume", str(tmp_path / "nope.pt")]
+    proc = _run("train.py", args, tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr[proc.stderr.index("error: "):]
+    for fragment in ("4 problems", "--log-every", "--resume", "--data-path", "--image-size 31"):
+        assert fragment in message, (fragment, message)
 
 
 def test_default_vae_is_fetched_into_stabilityai_and_offline_says_where(tmp_path, monkeypatch):
@@ -171,3 +203,19 @@ def test_offline_download_names_the_url_and_the_place(tmp_path, monkeypatch):
     assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in msg
     assert os.path.join(str(tmp_path), "pretrained_models", "DiT-XL-2-256x256.pt") in msg
     assert not (tmp_path / "pretrained_models" / "DiT-XL-2-256x256.pt").exists()
+
+
+def test_train_sigterm_saves_a_checkpoint_exits_143_and_a_rerun_ends_with_the_uninterrupted_weights(tmp_path):
+    data = _image_folder(str(tmp_path / "data"), per_class=12)  # 24 images, 12 steps per epoch at batch 2
+    cmd = [sys.executable, os.path.join(DIT, "train.py")] + TINY_MODEL + [
+        "--num-classes", "2", "--data-path", data, "--batch-size", "2", "--log-every", "1", "--ckpt-every",
+        "1000", "--epochs", "2"]
+    out = stop_and_continue(
+        lambda d: cmd + ["--results-dir", str(d)], lambda d: training_env(), signum=signal.SIGTERM,
+        run_dir=tmp_path / "run", full_dir=tmp_path / "full", log_file="000-DiT-S-4/log.txt",
+        logged_step=r"\(step=0000002\)", final_files=["000-DiT-S-4/checkpoints/0000024.pt"],
+        set_files=lambda s: ["000-DiT-S-4/checkpoints/%07d.pt" % s], cwd=tmp_path, key="model")
+    print("SIGTERM after step %d; worst relative difference: %g" % (out["step"], out["worst_relative_difference"]))
+    assert 3 <= out["step"] < 24 and out["worst_relative_difference"] == 0.0
+    assert os.listdir(tmp_path / "run") == ["000-DiT-S-4"]  # the rerun continued the run in its own folder
+    assert "the newest checkpoint of this command's run" in (tmp_path / "run" / "000-DiT-S-4" / "log.txt").read_text()

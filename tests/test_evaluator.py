@@ -367,6 +367,16 @@ def test_offline_download_exits_with_an_error_naming_the_url_and_the_place(tmp_p
     assert not os.path.exists(os.path.dirname(target))  # nothing left behind
 
 
+def test_both_missing_batches_are_named_in_one_error_before_any_download(tmp_path, monkeypatch, capsys):
+    _offline_env(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        evaluator.run_cli(lambda: evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 problems") and "ref.npz" in err and "sample.npz" in err
+    assert "download" not in err
+
+
 def test_a_file_that_is_not_the_inception_graph_is_reported(tmp_path):
     bogus = str(tmp_path / "bogus.pb")
     graph = tf.Graph()

@@ -5,13 +5,14 @@ EMA rates, checkpoints) once under mpirun with 2 ranks (each rank gets its half,
 batch: the sharding load_data uses) and once alone on the whole batch. Timesteps and noise are a function of each
 sample's global index (a wrapper around the diffusion), so both runs draw the same ones and the parameters must
 agree (and so must the logged norms of the all-reduced gradients: AdamW alone would hide a sum instead of a
-mean). Then the real image_train.py, free_train.py, classifier_train.py and DiT/train.py (with shards of unequal
-size) run under mpirun side by side.
+mean). Then the real image_train.py, free_train.py, classifier_train.py and DiT/train.py (on a dataset that does
+not split evenly) run under mpirun side by side.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from PIL import Image
 
 import guided_diffusion  # noqa: F401  (prepares Jittor's environment)
 from guided_diffusion.checkpoint import load_file
+from training_helpers import mpi_rank_pids, script_cmd, stop_and_continue
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIT_FIX = os.path.join(REPO, "tests", "fixtures", "dit")
@@ -45,7 +47,7 @@ DRIVER = textwrap.dedent(
     out, mode = sys.argv[1], sys.argv[2]
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     assert world == (2 if mode == "mpi" else 1), (mode, world)
-    GLOBAL, STEPS, T = 4, 3, 20
+    GLOBAL, STEPS, T = 4, 3, 50  # (20 linear steps would reach alpha_bar = 0: a non-finite vb term)
 
 
     class Tiny(jt.nn.Module):
@@ -233,10 +235,11 @@ def test_load_data_gives_each_rank_a_disjoint_shard(driver_runs):
 
 @pytest.fixture(scope="module")
 def script_runs(tmp_path_factory):
-    """image_train.py, DiT/train.py, free_train.py and classifier_train.py under mpirun -np 2, side by side."""
+    """image_train.py (twice), DiT/train.py, free_train.py and classifier_train.py under mpirun -np 2, side by
+    side."""
     out = tmp_path_factory.mktemp("mpi_scripts")
     adm_data = _write_images(out / "adm_imgs", 4, ["c%d_%d.png" % (i % 2, i) for i in range(4)])
-    # 5 images: rank 0's shard has 3, rank 1's has 2 (ranks must still agree on the number of steps)
+    # 5 images over 2 ranks: the epoch's order is padded to 6, so each rank reads 3 (one repeat overall)
     dit_data = _write_images(out / "dit_imgs", 5, ["cat/%d.png" % i if i < 3 else "dog/%d.png" % i for i in range(5)])
     adm = [sys.executable, os.path.join(REPO, "image_train.py"), "--data_dir", adm_data, "--batch_size", "1",
            "--lr_anneal_steps", "2", "--save_interval", "1", "--log_interval", "1", "--ema_rate", "0.9",
@@ -260,7 +263,8 @@ def script_runs(tmp_path_factory):
            "--classifier_attention_resolutions", "8", "--diffusion_steps", "50"]
     procs = [subprocess.Popen(MPIRUN + cmd, cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env(OPENAI_LOGDIR=str(out / name)))
-             for name, cmd in (("adm_logs", adm), ("dit_logs", dit), ("free_logs", free), ("clf_logs", clf))]
+             for name, cmd in (("adm_logs", adm), ("dit_logs", dit), ("free_logs", free), ("clf_logs", clf),
+                               ("adm_logs_again", adm))]
     results = []
     try:
         for p in procs:
@@ -274,7 +278,7 @@ def script_runs(tmp_path_factory):
 
 
 def test_image_train_under_mpirun_counts_the_global_batch_and_rank_zero_saves(script_runs):
-    out, (adm, _, _, _) = script_runs
+    out, (adm, _, _, _, _) = script_runs
     _check(adm)
     logs = out / "adm_logs"
     names = set(os.listdir(logs))
@@ -283,18 +287,29 @@ def test_image_train_under_mpirun_counts_the_global_batch_and_rank_zero_saves(sc
     assert _progress_column(logs / "progress.csv", "samples") == [2.0, 4.0]  # (step + 1) * batch_size * world
 
 
-def test_dit_train_under_mpirun_with_uneven_shards_finishes_and_saves_once(script_runs):
-    out, (_, dit, _, _) = script_runs
+def test_image_train_under_mpirun_twice_gives_the_same_weights_at_every_step(script_runs):
+    out, results = script_runs
+    _check(results[4])
+    for step in (1, 2):
+        for name in ("model%06d.pt" % step, "ema_0.9_%06d.pt" % step):
+            a, b = load_file(str(out / "adm_logs" / name)), load_file(str(out / "adm_logs_again" / name))
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=name + ":" + k)
+
+
+def test_dit_train_under_mpirun_with_a_padded_epoch_finishes_and_saves_once(script_runs):
+    out, (_, dit, _, _, _) = script_runs
     _check(dit)
     runs = os.listdir(out / "res")
     assert runs == ["000-DiT-S-4"]  # one experiment folder (rank 0's)
     ckpts = sorted(os.listdir(out / "res" / runs[0] / "checkpoints"))
-    # 5 images over 2 ranks, 1 per rank per step: one epoch is 2 steps (the smaller shard's) on every rank
-    assert ckpts == ["0000001.pt", "0000002.pt"]
-    ckpt = load_file(str(out / "res" / runs[0] / "checkpoints" / "0000002.pt"))
+    # 5 images over 2 ranks, 1 per rank per step: one epoch is ceil(5 / 2) = 3 steps on every rank (DiT's
+    # DistributedSampler pads the order)
+    assert ckpts == ["0000001.pt", "0000002.pt", "0000003.pt"]
+    ckpt = load_file(str(out / "res" / runs[0] / "checkpoints" / "0000003.pt"))
     assert set(ckpt) == {"model", "ema", "opt", "args"}
     log = (out / "res" / runs[0] / "log.txt").read_text()
-    assert "(step=0000002) Train Loss:" in log
+    assert "(step=0000003) Train Loss:" in log
 
 
 def _progress_column(path, key):
@@ -313,3 +328,24 @@ def test_free_and_classifier_train_run_under_mpirun_and_count_the_global_batch(s
     names = set(os.listdir(out / name))
     assert set(files) | {"log.txt", "progress.csv", "log-rank001.txt"} <= names
     assert _progress_column(out / name / "progress.csv", "samples") == [2.0, 4.0]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_a_rerun_matches_an_uninterrupted_run(tmp_path):
+    steps = 16
+    data = _write_images(tmp_path / "imgs", 8, ["c%d_%d.png" % (i % 2, i) for i in range(8)])
+    cmd = MPIRUN + script_cmd("image_train.py", [
+        "--data_dir", data, "--batch_size", 1, "--lr_anneal_steps", steps, "--save_interval", 1000,
+        "--log_interval", 1, "--ema_rate", "0.9", "--image_size", 32, "--num_channels", 16, "--num_res_blocks", 1,
+        "--channel_mult", "1,2", "--attention_resolutions", 16, "--diffusion_steps", 50, "--class_cond", True])
+    out = stop_and_continue(
+        lambda d: cmd, lambda d: _env(OPENAI_LOGDIR=str(d)), signum=signal.SIGTERM, run_dir=tmp_path / "run",
+        full_dir=tmp_path / "full", log_file="log.txt", logged_step=r"\|\s*step\s*\|\s*2 ",
+        final_files=["model%06d.pt" % steps, "ema_0.9_%06d.pt" % steps],
+        set_files=lambda s: ["ema_0.9_%06d.pt" % s, "opt%06d.pt" % s, "model%06d.pt" % s],
+        targets=lambda proc: [mpi_rank_pids(proc)[1]])  # a scheduler's signal reaching one rank only
+    step = out["step"]
+    print("SIGTERM to rank 1 after step %d; worst relative difference: %g" % (step, out["worst_relative_difference"]))
+    assert 3 <= step < steps and out["worst_relative_difference"] == 0.0
+    # rank 1 stopped at the same step, and only rank 0 wrote the set
+    rank1_log = (tmp_path / "run" / "log-rank001.txt").read_text()
+    assert "stopped by SIGTERM after step %d" % step in rank1_log

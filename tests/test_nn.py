@@ -284,8 +284,9 @@ def test_checkpoint_gives_the_same_values_and_gradients_with_either_flag():
         out = gnn.checkpoint(f, (x,), lin.parameters(), flag)
         grads = jt.grad(out.sum(), [x, lin.weight, lin.bias])
         results.append([out.numpy()] + [g.numpy() for g in grads])
+    # The recomputation may fuse the element-wise ops differently, so results agree to float32 rounding.
     for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_avg_pool_nd_accepts_inputs_as_small_as_the_window():

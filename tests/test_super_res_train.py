@@ -1,12 +1,14 @@
 """End-to-end tests of scripts/super_res_train.py (subprocess): a few steps, then an exact resume."""
 
 import os
+import signal
 
 import numpy as np
 
 from guided_diffusion.checkpoint import load_file, load_state_dict_strict
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from test_image_train import make_images, run_script
+from training_helpers import script_cmd, stop_and_continue, training_env
 
 TINY = ["--large_size", "64", "--small_size", "32", "--num_channels", "16", "--num_res_blocks", "1",
         "--attention_resolutions", "8", "--diffusion_steps", "50"]
@@ -26,6 +28,12 @@ def test_super_res_train_trains_and_resumes_exactly(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model000002.pt")), load_file(str(tmp_path / "b" / "model000002.pt"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # a fresh run of the same command (same --seed) is the same run: initial weights included
+    again = run_script(common, tmp_path / "c", script="scripts/super_res_train.py")
+    assert again.returncode == 0, again.stderr[-3000:]
+    c = load_file(str(tmp_path / "c" / "model000002.pt"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k], err_msg=k)
     flags = sr_model_and_diffusion_defaults()
     flags.update(large_size=64, small_size=32, num_channels=16, num_res_blocks=1, attention_resolutions="8",
                  diffusion_steps=50)
@@ -46,3 +54,17 @@ def test_super_res_model_trained_by_the_script_samples_with_super_res_sample(tmp
     assert sample.returncode == 0, sample.stderr[-3000:]
     with np.load(str(tmp_path / "sample" / "samples_2x64x64x3.npz")) as out:
         assert out["arr_0"].shape == (2, 64, 64, 3) and out["arr_0"].dtype == np.uint8
+
+
+def test_sigterm_saves_a_whole_set_and_a_rerun_ends_with_the_uninterrupted_weights(tmp_path):
+    steps = 24
+    data = make_images(tmp_path / "imgs", n=2)
+    cmd = script_cmd("scripts/super_res_train.py", ["--data_dir", data, "--batch_size", 2, "--lr_anneal_steps",
+                                                    steps, "--save_interval", 1000, "--log_interval", 1] + TINY)
+    out = stop_and_continue(
+        lambda d: cmd, lambda d: training_env(d), signum=signal.SIGTERM, run_dir=tmp_path / "run",
+        full_dir=tmp_path / "full", log_file="log.txt", logged_step=r"\|\s*step\s*\|\s*2 ",
+        final_files=["model%06d.pt" % steps, "ema_0.9999_%06d.pt" % steps],
+        set_files=lambda s: ["ema_0.9999_%06d.pt" % s, "opt%06d.pt" % s, "model%06d.pt" % s])
+    print("SIGTERM after step %d; worst relative difference: %g" % (out["step"], out["worst_relative_difference"]))
+    assert 3 <= out["step"] < steps and out["worst_relative_difference"] == 0.0

@@ -12,6 +12,7 @@ from guided_diffusion.checkpoint import load_file
 from guided_diffusion.errors import CheckpointError
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import LossSecondMomentResampler
+from guided_diffusion.run_guard import TrainingDiverged
 from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
@@ -297,3 +298,112 @@ def test_fused_cpu_adamw_step_equals_jittor_adamw_over_several_steps_with_weight
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not np.allclose(results[0][0], init[0])
+
+
+class _PoisonedDiffusion:
+    """The tiny diffusion, whose loss terms turn NaN from training step `at` on (counted by calls)."""
+
+    def __init__(self, base, at):
+        self.base, self.at, self.calls = base, at, 0
+        self.num_timesteps = base.num_timesteps
+
+    def training_losses(self, model, x, t, model_kwargs=None, noise=None):
+        self.calls += 1
+        losses = self.base.training_losses(model, x, t, model_kwargs=model_kwargs, noise=noise)
+        if self.calls >= self.at:
+            losses = dict(losses, loss=losses["loss"] * float("nan"), mse=losses["mse"] * float("nan"))
+        return losses
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_terms_and_last_good_checkpoint(tmp_path):
+    model, diffusion = tiny_model_and_diffusion()
+    data = load_data(data_dir=make_images(tmp_path / "imgs"), batch_size=2, image_size=32, class_cond=True)
+    with logger.scoped_configure(dir=str(tmp_path / "run"), format_strs=["log"]):
+        loop = TrainLoop(model=model, diffusion=_PoisonedDiffusion(diffusion, at=3), data=data, batch_size=2,
+                         microbatch=-1, lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=2,
+                         resume_checkpoint="", lr_anneal_steps=6)
+        with pytest.raises(TrainingDiverged) as info:
+            loop.run_loop()
+    data.close()
+    message = str(info.value)
+    print(message)
+    assert "at step 3" in message and "loss, mse" in message and "vb" not in message
+    assert str(tmp_path / "run" / "model000002.pt") in message
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")) == [
+        "ema_0.9_000002.pt", "model000002.pt", "opt000002.pt"]  # nothing from the NaN step
+
+
+def test_weights_gone_non_finite_are_never_saved(tmp_path):
+    model, diffusion = tiny_model_and_diffusion()
+    data = load_data(data_dir=make_images(tmp_path / "imgs"), batch_size=2, image_size=32, class_cond=True)
+    with logger.scoped_configure(dir=str(tmp_path / "run"), format_strs=["log"]):
+        loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=-1, lr=1e-3,
+                         ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", lr_anneal_steps=1)
+        loop.mp_trainer.master_params[0].assign(loop.mp_trainer.master_params[0] * float("inf"))
+        with pytest.raises(TrainingDiverged, match=r"weights went non-finite \(NaN or inf\) by step 0"):
+            loop.save()
+    data.close()
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")]
+
+
+def test_a_model_file_without_its_ema_or_optimizer_is_refused_and_a_released_one_starts_at_step_0(tmp_path):
+    data_dir = make_images(tmp_path / "imgs")
+    train(tmp_path / "a", data_dir, steps=2)
+    os.remove(tmp_path / "a" / "ema_0.99_000002.pt")
+    with pytest.raises(CheckpointError, match="incomplete.*ema_0.99_000002.pt"):
+        train(tmp_path / "b", data_dir, steps=3, resume=str(tmp_path / "a" / "model000002.pt"))
+    # a file not named modelNNNNNN.pt (e.g. a released checkpoint) is fine-tuned from step 0 with a notice
+    os.rename(tmp_path / "a" / "model000002.pt", tmp_path / "a" / "released.pt")
+    loop = train(tmp_path / "c", data_dir, steps=1, resume=str(tmp_path / "a" / "released.pt"))
+    assert loop.resume_step == 0
+    assert "is not a modelNNNNNN.pt of a run" in (tmp_path / "c" / "log.txt").read_text()
+
+
+def test_rerunning_in_the_same_log_dir_continues_from_the_newest_whole_set(tmp_path, monkeypatch):
+    data_dir = make_images(tmp_path / "imgs")
+    train(tmp_path / "full", data_dir, steps=4)
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")  # stop after the first save (step 2 of 4)
+    train(tmp_path / "run", data_dir, steps=4)
+    monkeypatch.delenv("DIFFUSION_TRAINING_TEST")
+    # a set cut short after its EMA files (no model file) is ignored; the run continues from step 2
+    (tmp_path / "run" / "ema_0.9_000003.pt").write_bytes(b"partial")
+    loop = train(tmp_path / "run", data_dir, steps=4)
+    assert loop.resume_step == 2
+    assert "continuing the run in" in (tmp_path / "run" / "log.txt").read_text()
+    a, b = load_file(str(tmp_path / "full" / "model000004.pt")), load_file(str(tmp_path / "run" / "model000004.pt"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    with open(tmp_path / "run" / "progress.csv") as f:  # the continued run appended to the log, under its header
+        rows = f.read().splitlines()
+    header = rows[0].split(",")
+    assert [r.split(",")[header.index("step")] for r in rows[1:]] == ["0", "1", "2", "3"]
+
+
+def test_a_full_disk_while_saving_keeps_earlier_checkpoints_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from guided_diffusion import checkpoint as ckpt_module
+
+    data_dir = make_images(tmp_path / "imgs")
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")
+    train(tmp_path / "run", data_dir, steps=4)
+    monkeypatch.delenv("DIFFUSION_TRAINING_TEST")
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in os.listdir(tmp_path / "run") if f.endswith(".pt")}
+    real_fsync = os.fsync
+    calls = []
+
+    def full_after_the_first_file(fd):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt_module.os, "fsync", full_after_the_first_file)
+    with pytest.raises(CheckpointError) as info:
+        train(tmp_path / "run", data_dir, steps=4)
+    message = str(info.value)
+    print(message)
+    assert "No space left on device" in message and "MB" in message and str(tmp_path / "run") in message
+    after = {f: (tmp_path / "run" / f).read_bytes() for f in os.listdir(tmp_path / "run") if f.endswith(".pt")}
+    assert after == before  # the step-4 EMA written before the failure was removed; no partial or temporary file
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
