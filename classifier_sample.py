@@ -43,7 +43,7 @@ def main():
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model_fn, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, cond_fn=cond_fn,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised, cond_fn=cond_fn,
         num_classes=NUM_CLASSES, fixed_labels=fixed,
     )
     sampling.generate_samples(
@@ -59,6 +59,7 @@ def create_argparser():
         num_samples=10000,
         batch_size=16,
         use_ddim=False,
+        sampler="",
         model_path="",
         classifier_path="",
         classifier_scale=1.0,

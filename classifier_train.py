@@ -66,6 +66,7 @@ def main() -> None:
         image_size=args.image_size,
         class_cond=True,
         random_crop=True,
+        random_flip=args.random_flip,
         seed=args.seed,
     )
     val_data = None
@@ -75,6 +76,7 @@ def main() -> None:
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
+            random_flip=args.random_flip,
             seed=args.seed,
         )
 
@@ -117,6 +119,7 @@ def create_argparser() -> argparse.ArgumentParser:
         log_interval=10,
         eval_interval=5,
         save_interval=10000,
+        random_flip=True,
         seed=0,
     )
     defaults.update(classifier_and_diffusion_defaults())

@@ -71,7 +71,7 @@ def main():
     logger.log("sampling with guidance weight w=%g..." % args.w)
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, guided, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, num_classes=num_classes, fixed_labels=fixed,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised, num_classes=num_classes, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
@@ -86,6 +86,7 @@ def create_argparser(free_defaults: bool = False):
         num_samples=10000,
         batch_size=16,
         use_ddim=False,
+        sampler="",
         cmodel_path="",
         ucmodel_path="",
         model_path="",

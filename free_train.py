@@ -63,6 +63,7 @@ def main() -> None:
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=True,
+        random_flip=args.random_flip,
         seed=args.seed,
     )
     data = with_label_dropout(data, args.p_uncond, null_label=args.num_classes, seed=args.seed)
@@ -104,6 +105,7 @@ def create_argparser() -> argparse.ArgumentParser:
         use_fp16=False,
         fp16_scale_growth=1e-3,
         p_uncond=0.1,
+        random_flip=True,
         seed=0,
     )
     defaults.update(free_model_and_diffusion_defaults())

@@ -44,6 +44,7 @@ def main() -> None:
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=args.class_cond,
+        random_flip=args.random_flip,
         seed=args.seed,
     )
 
@@ -83,6 +84,7 @@ def create_argparser() -> argparse.ArgumentParser:
         resume_checkpoint="",
         use_fp16=False,
         fp16_scale_growth=1e-3,
+        random_flip=True,
         seed=0,
     )
     defaults.update(model_and_diffusion_defaults())

@@ -23,6 +23,7 @@ from guided_diffusion import checkpoint as gd_checkpoint
 from guided_diffusion import dist_util
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
 from guided_diffusion.fp16_util import sums_of_squares
+from guided_diffusion.sampling import SAMPLERS
 from guided_diffusion.train_util import AdamW, save_on_main_process
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
@@ -67,6 +68,28 @@ def add_vae_flags(parser: argparse.ArgumentParser, default_vae: str) -> None:
     parser.add_argument("--vae-path", type=str, default=None,
                         help="local diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors); "
                              "unset: ./stabilityai/sd-vae-ft-{vae}, downloaded from the Hugging Face hub if missing")
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """--num-sampling-steps (the reference's, default 250) and --sampler (default: the reference's DDPM)."""
+    parser.add_argument("--num-sampling-steps", type=int, default=250,
+                        help="sampling steps, respaced from the 1000 of training (uniform for ddpm and ddim, uniform "
+                             "in log-SNR for the dpm++ samplers)")
+    parser.add_argument("--sampler", type=str, choices=list(SAMPLERS), default="ddpm",
+                        help="ddpm (the reference's), ddim (eta 0), or DPM-Solver++ multistep dpm++2m / dpm++3m, "
+                             "which need far fewer steps (e.g. --num-sampling-steps 20)")
+
+
+def sampling_spacing(args: argparse.Namespace) -> str:
+    """The respacing of --num-sampling-steps for --sampler: "N" (the reference's) or "logsnrN" for DPM-Solver++."""
+    n = args.num_sampling_steps
+    return ("logsnr%d" % n) if args.sampler.startswith("dpm++") else str(n)
+
+
+def check_sampling_flags(check: InputCheck, args: argparse.Namespace) -> None:
+    """Record, in `check`, problems of the sampling flags shared by sample.py and sample_ddp.py."""
+    if not 1 <= args.num_sampling_steps <= 1000:
+        check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
 
 
 def vae_folder(args: argparse.Namespace) -> str:

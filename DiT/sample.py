@@ -14,7 +14,7 @@ import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
-from guided_diffusion.sampling import save_image_grid  # noqa: E402
+from guided_diffusion.sampling import run_diffusion, save_image_grid  # noqa: E402
 from guided_diffusion.seeding import seed_all  # noqa: E402
 
 import dit_util  # noqa: E402
@@ -33,7 +33,7 @@ def create_argparser() -> argparse.ArgumentParser:
                              "VAE's downsampling factor for your own)")
     parser.add_argument("--num-classes", type=int, default=1000, help="number of classes the model was trained on")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help="DDPM steps (respaced from 1000)")
+    dit_util.add_sampler_flags(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (.pt: released or written by train.py); unset: the released "
@@ -52,8 +52,7 @@ def main() -> None:
     if max(dit_util.SAMPLE_CLASS_LABELS) >= args.num_classes:
         check.problem("sample.py draws the ImageNet classes %s, which need --num-classes 1000"
                       % dit_util.SAMPLE_CLASS_LABELS)
-    if not 1 <= args.num_sampling_steps <= 1000:
-        check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
+    dit_util.check_sampling_flags(check, args)
     dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
 
     vae = dit_util.load_vae(args)
@@ -61,7 +60,7 @@ def main() -> None:
     model = dit_util.build_model(args, latent_size)
     dit_util.load_dit_checkpoint(model, args.ckpt, args)
     model.eval()  # important! (label dropout is on in training mode)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    diffusion = create_diffusion(dit_util.sampling_spacing(args))
 
     class_labels = dit_util.SAMPLE_CLASS_LABELS
     n = len(class_labels)
@@ -75,8 +74,8 @@ def main() -> None:
     y = jt.concat([y, y_null], dim=0)
     model_kwargs = dict(y=y, cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels)
 
-    samples = diffusion.p_sample_loop(model.forward_with_cfg, tuple(z.shape), z, clip_denoised=False,
-                                      model_kwargs=model_kwargs, progress=True)
+    samples = run_diffusion(diffusion, model.forward_with_cfg, z.shape, sampler=args.sampler, noise=z,
+                            clip_denoised=False, model_kwargs=model_kwargs, progress=True)
     samples = samples[:n]  # remove null class samples
     samples = dit_util.decode_latents(vae, samples)
     save_image_grid(dit_util.images_to_uint8_grid(samples), args.output, nrow=4)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
-from guided_diffusion.sampling import check_count, generate_samples, seed_batch  # noqa: E402
+from guided_diffusion.sampling import check_count, generate_samples, run_diffusion, seed_batch  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -42,7 +42,7 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=1000, help="number of classes the model was trained on")
     parser.add_argument("--cfg-scale", type=float, default=1.5,
                         help="classifier-free guidance scale (1.0 samples without guidance)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help="DDPM steps (respaced from 1000)")
+    dit_util.add_sampler_flags(parser)
     parser.add_argument("--global-seed", type=int, default=0, help="seed; every batch seeds itself from it")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="accepted for compatibility; Jittor computes in float32 (no TF32 switch)")
@@ -61,8 +61,7 @@ def main() -> None:
     check = InputCheck()
     if args.cfg_scale < 1.0:
         check.problem("--cfg-scale must be >= 1.0 (got %g); 1.0 disables guidance" % args.cfg_scale)
-    if not 1 <= args.num_sampling_steps <= 1000:
-        check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
+    dit_util.check_sampling_flags(check, args)
     check(check_count, args.per_proc_batch_size, "--per-proc-batch-size")
     check(check_count, args.num_fid_samples, "--num-fid-samples")
     dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
@@ -74,12 +73,14 @@ def main() -> None:
     model = dit_util.build_model(args, latent_size)
     ckpt = dit_util.load_dit_checkpoint(model, args.ckpt, args)
     model.eval()  # important!
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    diffusion = create_diffusion(dit_util.sampling_spacing(args))
 
     model_string_name = args.model.replace("/", "-")
     ckpt_string_name = os.path.basename(ckpt).replace(".pt", "") if args.ckpt else "pretrained"
     folder_name = "%s-%s-size-%d-vae-%s-cfg-%s-seed-%d" % (model_string_name, ckpt_string_name, args.image_size,
                                                          args.vae, args.cfg_scale, args.global_seed)
+    if args.sampler != "ddpm":  # the reference's name stays the name of its DDPM samples
+        folder_name += "-%s-%d" % (args.sampler, args.num_sampling_steps)
     sample_folder_dir = os.path.join(args.sample_dir, folder_name)
     channels = model.in_channels
 
@@ -96,8 +97,8 @@ def main() -> None:
         else:
             model_kwargs = dict(y=y)
             sample_fn = model.forward
-        samples = diffusion.p_sample_loop(sample_fn, tuple(z.shape), z, clip_denoised=False,
-                                          model_kwargs=model_kwargs, progress=False)
+        samples = run_diffusion(diffusion, sample_fn, z.shape, sampler=args.sampler, noise=z, clip_denoised=False,
+                                model_kwargs=model_kwargs, progress=False)
         if using_cfg:
             samples = samples[:n]  # remove null class samples
         return dit_util.images_to_uint8_dit(dit_util.decode_latents(vae, samples)), labels

@@ -12,7 +12,8 @@ For the two networks: RMSE of DDIM-10/25/50 and 2M/3M-10/15/20 against a 1000-st
 from a fixed x_T, on both grids, and the seconds per image of each walk. The networks' walks clip each x_0
 prediction to [-1, 1] as sampling does (clip_denoised=True): unclipped, the x_0 predicted at T-1 of the cosine
 schedule (alpha_bar = 2.4e-9) carries the noise prediction's error times 2e4 and the walks diverge. The analytic
-walks are unclipped. A time-uniform grid of N steps is the spacing "N" (from T-1 to 0), a log-SNR grid "logsnrN".
+walks are unclipped. A time-uniform grid of N steps is the spacing "N" (from T-1 to 0), a log-SNR grid "logsnrN",
+DDIM's stride "ddimN" (from T - T/N to 0; networks only).
 """
 
 import argparse
@@ -36,6 +37,9 @@ from guided_diffusion.dpm_solver import GaussianDataModel  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = {"ddim": 1, "2M": 2, "3M": 3}
 GRIDS = {"uniform": "%d", "logsnr": "logsnr%d"}
+# The networks also run on DDIM's even stride (range(0, T, T // N): it does not reach T-1, where the cosine
+# schedule's alpha_bar is 2.4e-9).
+NETWORK_GRIDS = dict(GRIDS, stride="ddim%d")
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,9 +105,9 @@ def bench_network(name: str, model, diffusion_flags: dict, noise: np.ndarray, mo
               check_rmse=float("%.4g" % rmse(ddim_reference, reference)),
               check_s_per_image=round(ddim_seconds / batch, 4), load1=round(os.getloadavg()[0], 2)))
     runs = [("ddim", n) for n in (10, 25, 50)] + [(s, n) for s in ("2M", "3M") for n in (10, 15, 20)]
-    for grid in GRIDS:
+    for grid in NETWORK_GRIDS:
         for sampler, n in runs:
-            out, seconds = run(GRIDS[grid] % n, order=SAMPLERS[sampler])
+            out, seconds = run(NETWORK_GRIDS[grid] % n, order=SAMPLERS[sampler])
             err = rmse(out, reference)
             emit(dict(bench="samplers_" + name, grid=grid, sampler=sampler, steps=n, rmse=float("%.4g" % err),
                       relative_rmse=float("%.4g" % (err / scale)), s_per_image=round(seconds / batch, 4),

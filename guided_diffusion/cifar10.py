@@ -118,10 +118,10 @@ def load_cifar10_data(*, data_dir: str, batch_size: int, image_size: int = 32, c
 
 
 def load_cifar10_or_folder(*, data_dir: str, batch_size: int, image_size: int, class_cond: bool = True,
-                           seed: int = 0):
+                           random_flip: bool = True, seed: int = 0):
     """CIFAR-10 batches when data_dir holds (or will hold, by download) CIFAR-10; an image folder otherwise."""
     if find_cifar10_batches(data_dir) is None and os.path.isdir(data_dir) and _list_image_files_recursively(data_dir):
         return load_data(data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
-                         seed=seed)
+                         random_flip=random_flip, seed=seed)
     return load_cifar10_data(data_dir=data_dir, batch_size=batch_size, image_size=image_size,
-                             class_cond=class_cond, seed=seed)
+                             class_cond=class_cond, random_flip=random_flip, seed=seed)

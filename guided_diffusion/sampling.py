@@ -401,8 +401,12 @@ FLAG_HELP: Dict[str, str] = {
     "clip_denoised": "clamp each predicted x_0 to [-1, 1] while sampling (reference default True)",
     "num_samples": "number of images to generate in total (split across MPI ranks)",
     "batch_size": "images per batch (each MPI rank samples one batch at a time)",
-    "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM; usually with few steps, e.g. "
-                "--timestep_respacing ddim25 (any spacing works)",
+    "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM: the same as --sampler ddim",
+    "sampler": "ddpm (the reference's ancestral sampling), ddim (eta 0), dpm++2m or dpm++3m (DPM-Solver++ "
+               "multistep, 10-20 steps; recommended: --timestep_respacing logsnr15 with the linear schedule, whose "
+               "grid is uniform in log-SNR as the solver wants; with the cosine schedule ddim15, because its last "
+               "timesteps (alpha_bar down to 2e-9) amplify an imperfect model's x_0 prediction and a log-SNR grid "
+               "crowds its steps there); unset: ddpm, or ddim with --use_ddim True",
     "model_path": "diffusion model checkpoint (.pt), e.g. models/256x256_diffusion.pt (scripts/download_models.py)",
     "classifier_path": "noisy-image classifier checkpoint (.pt), e.g. models/256x256_classifier.pt",
     "classifier_scale": "strength of classifier guidance: the gradient of log p(y|x_t) is multiplied by this",
@@ -411,7 +415,8 @@ FLAG_HELP: Dict[str, str] = {
     "class_labels": "comma-separated class ids used in turn for the samples (e.g. 207 or 1,2,3); "
                     "empty: a random class per sample",
     "timestep_respacing": "sampling steps taken from --diffusion_steps: a number (e.g. 250), comma-separated "
-                          "section counts, or ddimN (DDIM's even stride, e.g. ddim25); empty: all steps",
+                          "section counts, ddimN (DDIM's even stride, e.g. ddim25), or logsnrN (N steps uniform in "
+                          "log-SNR, for the dpm++ samplers); empty: all steps",
     "diffusion_steps": "number of steps of the diffusion process the model was trained with",
     "use_fp16": "run the model's convolutions in float16 (GPU only; on a CPU the model stays float32 with a notice)",
     "classifier_use_fp16": "run the classifier in float16 (GPU only; on a CPU it stays float32)",
@@ -461,15 +466,21 @@ def document_flags(parser, extra: Optional[Mapping[str, str]] = None) -> None:
             action.help = helps[action.dest]
 
 
-def check_respacing(timestep_respacing: str, diffusion_steps: int, use_ddim: bool = False) -> None:
+def check_respacing(timestep_respacing: str, diffusion_steps: int, use_ddim: bool = False,
+                    noise_schedule: str = "linear") -> None:
     """Refuse a --timestep_respacing that does not fit --diffusion_steps (every sampler takes any spacing)."""
+    from .gaussian_diffusion import get_named_beta_schedule
     from .respace import space_timesteps
 
     spacing = (timestep_respacing or "").strip()
     if not spacing:
         return
     try:
-        kept = space_timesteps(diffusion_steps, spacing)
+        betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    except (NotImplementedError, ValueError):
+        raise UserError("unknown --noise_schedule %r: use linear or cosine" % noise_schedule) from None
+    try:
+        kept = space_timesteps(diffusion_steps, spacing, betas=betas)
     except ValueError as exc:
         raise UserError("--timestep_respacing %r does not fit --diffusion_steps %d (%s); use e.g. 250 or ddim25"
                         % (timestep_respacing, diffusion_steps, exc)) from None
@@ -489,7 +500,10 @@ def check_sampling_flags(check: InputCheck, args) -> None:
         if hasattr(args, flag):
             check(check_count, getattr(args, flag), "--" + flag)
     if hasattr(args, "timestep_respacing"):
-        check(check_respacing, args.timestep_respacing, getattr(args, "diffusion_steps", 1000))
+        check(check_respacing, args.timestep_respacing, getattr(args, "diffusion_steps", 1000),
+              noise_schedule=getattr(args, "noise_schedule", "linear"))
+    if hasattr(args, "sampler"):
+        check(resolve_sampler, args.sampler, getattr(args, "use_ddim", False))
 
 
 def require_file(path: str, *, what: str, flag: str) -> None:
@@ -535,7 +549,7 @@ def load_model_and_diffusion(args, keys: Iterable[str], *, model_path: str, flag
     kwargs = script_util.args_to_dict(args, keys)
     kwargs.update(overrides)
     check_respacing(kwargs.get("timestep_respacing", ""), kwargs.get("diffusion_steps", 1000),
-                    bool(getattr(args, "use_ddim", False)))
+                    noise_schedule=kwargs.get("noise_schedule", "linear"))
     require_file(model_path, what="diffusion model", flag=flag)
     model, diffusion = _build(factory, kwargs)
     load_weights(model, model_path, what="diffusion model", flag=flag)
@@ -589,12 +603,38 @@ def batch_labels(rng: np.random.RandomState, batch_index: int, batch_size: int, 
     return rng.randint(0, num_classes, size=(n,)).astype(np.int64)
 
 
-def run_diffusion(diffusion, model_fn, shape: Sequence[int], *, use_ddim: bool, clip_denoised: bool = True,
-                  model_kwargs: Optional[Dict[str, Any]] = None, cond_fn=None, progress: bool = True):
-    """One call of p_sample_loop or ddim_sample_loop (DDIM when use_ddim), returning the final x_0 batch."""
-    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
-    return loop(model_fn, tuple(int(s) for s in shape), clip_denoised=clip_denoised,
-                model_kwargs=model_kwargs or {}, cond_fn=cond_fn, progress=progress)
+#: --sampler's choices: the reference's two loops and DPM-Solver++ multistep of order 2 and 3.
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
+_DPM_ORDERS = {"dpm++2m": 2, "dpm++3m": 3}
+
+
+def resolve_sampler(sampler: str, use_ddim: bool = False) -> str:
+    """--sampler with --use_ddim folded in (--use_ddim True means --sampler ddim); unset means ddpm."""
+    name = (sampler or "").strip().lower()
+    if name and name not in SAMPLERS:
+        raise UserError("unknown --sampler %r: choose one of %s" % (sampler, ", ".join(SAMPLERS)))
+    if use_ddim:
+        if name and name != "ddim":
+            raise UserError("--use_ddim True asks for DDIM but --sampler is %s: give only one of them" % name)
+        return "ddim"
+    return name or "ddpm"
+
+
+def run_diffusion(diffusion, model_fn, shape: Sequence[int], *, sampler: str = "ddpm", noise=None,
+                  clip_denoised: bool = True, model_kwargs: Optional[Dict[str, Any]] = None, cond_fn=None,
+                  progress: bool = True):
+    """One sampling loop (p_sample_loop, ddim_sample_loop or dpm_solver_sample_loop, by `sampler`), returning the
+    final x_0 batch."""
+    kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs or {}, cond_fn=cond_fn,
+                  progress=progress)
+    shape = tuple(int(s) for s in shape)
+    if sampler in _DPM_ORDERS:
+        return diffusion.dpm_solver_sample_loop(model_fn, shape, order=_DPM_ORDERS[sampler], **kwargs)
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop(model_fn, shape, **kwargs)
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop(model_fn, shape, **kwargs)
+    raise ValueError("unknown sampler %r (one of %s)" % (sampler, ", ".join(SAMPLERS)))
 
 
 def label_var(labels: np.ndarray):
@@ -615,13 +655,13 @@ def log_dir() -> str:
     return d
 
 
-def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: int, seed: int, use_ddim: bool,
+def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: int, seed: int, sampler: str,
                            clip_denoised: bool = True, cond_fn=None, num_classes: Optional[int] = None,
                            fixed_labels: Optional[Sequence[int]] = None,
                            extra_kwargs: Optional[Callable[[int, int], Dict[str, Any]]] = None,
                            channels: int = 3) -> SampleBatchFn:
     """The `sample_batch` of the ADM scripts: seed from the batch index, draw labels (before the noise, as the
-    reference does) when `num_classes` is given, run the DDPM/DDIM loop, return uint8 NHWC images and labels."""
+    reference does) when `num_classes` is given, run the `sampler` loop, return uint8 NHWC images and labels."""
     import jittor as jt
 
     from . import dist_util
@@ -638,7 +678,7 @@ def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: 
         if extra_kwargs is not None:
             model_kwargs.update(extra_kwargs(batch_index, n))
         # The diffusion loops disable gradients themselves (and re-enable them for a classifier's cond_fn).
-        x = run_diffusion(diffusion, model_fn, (n, channels, image_size, image_size), use_ddim=use_ddim,
+        x = run_diffusion(diffusion, model_fn, (n, channels, image_size, image_size), sampler=sampler,
                           clip_denoised=clip_denoised, model_kwargs=model_kwargs, cond_fn=cond_fn,
                           progress=progress)
         images = to_uint8_images(x)

@@ -797,6 +797,8 @@ TRAIN_FLAG_HELP = {
     "log_interval": "dump the logged values every this many steps",
     "save_interval": "write model/ema/opt checkpoints every this many steps",
     "resume_checkpoint": "modelNNNNNN.pt to resume from (its EMA and opt files beside it are used too)",
+    "random_flip": "mirror half of the training images horizontally (the reference always does; turn it off for "
+                   "data such as digits, where a mirrored image is another class)",
     "seed": "seed of the initial weights, data order, augmentations, noise and timesteps (the same command, seed and "
             "number of MPI ranks give the same run; a resumed run continues the same streams)",
     "use_fp16": "mixed precision with dynamic loss scaling (CUDA only; on the CPU the model stays float32)",

@@ -50,7 +50,7 @@ def main() -> None:
     for name, title, model_fn, cond_fn in runs:
         logger.log("sampling %d digits: %s..." % (n, title))
         sample_batch = sampling.make_diffusion_sampler(
-            diffusion, model_fn, image_size=digits.DIGIT_IMAGE_SIZE, batch_size=n, seed=args.seed, use_ddim=True,
+            diffusion, model_fn, image_size=digits.DIGIT_IMAGE_SIZE, batch_size=n, seed=args.seed, sampler="ddim",
             cond_fn=cond_fn, num_classes=digits.NUM_DIGITS, fixed_labels=labels)
         run_config = dict(vars(args), run=name)
         npz = sampling.generate_samples(

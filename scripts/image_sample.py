@@ -31,7 +31,7 @@ def main():
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
         num_classes=NUM_CLASSES if args.class_cond else None, fixed_labels=fixed,
     )
     sampling.generate_samples(
@@ -47,6 +47,7 @@ def create_argparser():
         num_samples=10000,
         batch_size=16,
         use_ddim=False,
+        sampler="",
         model_path="",
         seed=0,
         class_labels="",

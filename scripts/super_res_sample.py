@@ -34,7 +34,7 @@ def main():
     logger.log("creating samples...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model, image_size=args.large_size, batch_size=args.batch_size, seed=args.seed,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
         extra_kwargs=lambda b, n: base.batch(b, args.batch_size, n),
     )
     sampling.generate_samples(
@@ -50,6 +50,7 @@ def create_argparser():
         num_samples=10000,
         batch_size=16,
         use_ddim=False,
+        sampler="",
         base_samples="",
         model_path="",
         seed=0,

@@ -59,6 +59,7 @@ def main() -> None:
         large_size=args.large_size,
         small_size=args.small_size,
         class_cond=args.class_cond,
+        random_flip=args.random_flip,
         seed=args.seed,
     )
 
@@ -83,13 +84,14 @@ def main() -> None:
     ).run_loop()
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, seed=0):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, random_flip=True, seed=0):
     """Training batches of large_size images with model_kwargs["low_res"] (area-downsampled to small_size)."""
     data = load_data(
         data_dir=data_dir,
         batch_size=batch_size,
         image_size=large_size,
         class_cond=class_cond,
+        random_flip=random_flip,
         seed=seed,
     )
 
@@ -116,6 +118,7 @@ def create_argparser() -> argparse.ArgumentParser:
         resume_checkpoint="",
         use_fp16=False,
         fp16_scale_growth=1e-3,
+        random_flip=True,
         seed=0,
     )
     defaults.update(sr_model_and_diffusion_defaults())

@@ -174,6 +174,13 @@ def test_sample_ddp_writes_the_evaluator_npz(tmp_path):
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (3,) and labels.min() >= 0 and labels.max() < 1000
     assert os.path.samefile(str(folder) + ".npz", str(folder / "samples_3x32x32x3.npz"))
+    # DPM-Solver++ with classifier-free guidance, in a folder of its own; the same labels (seeded per batch)
+    _run("sample_ddp.py", TINY_MODEL + ["--ckpt", TINY_CKPT, "--num-sampling-steps", "3", "--num-fid-samples", "3",
+                                        "--per-proc-batch-size", "2", "--global-seed", "3", "--sampler", "dpm++2m"],
+         tmp_path)
+    with np.load(str(folder) + "-dpm++2m-3.npz") as npz:
+        assert npz["arr_0"].shape == (3, 32, 32, 3) and npz["arr_1"].tolist() == labels.tolist()
+        assert not np.array_equal(npz["arr_0"], images)
 
 
 def test_find_model_returns_the_ema_of_a_training_checkpoint(tmp_path):

@@ -66,7 +66,8 @@ def fixture_model():
 
 def _sample(model_fn, diffusion, use_ddim):
     fn = sampling.make_diffusion_sampler(diffusion, model_fn, image_size=64, batch_size=2, seed=5,
-                                         use_ddim=use_ddim, num_classes=1000, fixed_labels=[3, 7, 11])
+                                         sampler="ddim" if use_ddim else "ddpm", num_classes=1000,
+                                         fixed_labels=[3, 7, 11])
     return fn(0, 2)
 
 
@@ -141,3 +142,30 @@ def test_image_sample_rejects_labels_for_unconditional_model(tmp_path):
 def test_image_sample_rejects_ddim_with_unusable_spacing(tmp_path):
     proc = run_script(SCRIPT, _args() + ["--timestep_respacing", "ddim7", "--diffusion_steps", "10"], tmp_path)
     assert_user_error(proc, "--timestep_respacing", "does not fit --diffusion_steps 10")
+
+
+def test_image_sample_runs_dpm_solver_on_a_log_snr_grid_and_matches_the_package_loop(tmp_path):
+    args = _args(num_samples=2)
+    args[args.index("ddim5")] = "logsnr4"
+    args[args.index("--use_ddim") + 1] = "False"
+    assert_ok(run_script(SCRIPT, args + ["--sampler", "dpm++3m"], tmp_path))
+    data = load_samples(str(tmp_path / "samples_2x64x64x3.npz"))
+    parsed = _parse(args)
+    from guided_diffusion.script_util import model_and_diffusion_defaults
+
+    model, diffusion = sampling.load_model_and_diffusion(parsed, model_and_diffusion_defaults().keys(),
+                                                         model_path=UNET)
+    assert diffusion.num_timesteps == 4 and max(diffusion.timestep_map) == 999
+    fn = sampling.make_diffusion_sampler(diffusion, model, image_size=64, batch_size=2, seed=5, sampler="dpm++3m",
+                                         num_classes=1000, fixed_labels=[3, 7, 11])
+    images, labels = fn(0, 2)
+    np.testing.assert_array_equal(images, data["arr_0"])
+    assert labels.tolist() == data["arr_1"].tolist() == [3, 7]
+
+
+def test_image_sample_refuses_use_ddim_with_another_sampler_and_an_unknown_sampler(tmp_path):
+    proc = run_script(SCRIPT, _args() + ["--sampler", "dpm++2m"], tmp_path)
+    assert_user_error(proc, "--use_ddim True asks for DDIM but --sampler is dpm++2m")
+    proc = run_script(SCRIPT, _args() + ["--use_ddim", "False", "--sampler", "euler"], tmp_path)
+    assert_user_error(proc, "unknown --sampler 'euler'", "dpm++3m")
+    assert no_samples_npz(tmp_path)

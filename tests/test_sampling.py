@@ -278,3 +278,14 @@ def test_check_respacing_accepts_every_spacing_that_fits_and_rejects_the_rest():
         sampling.check_respacing("ddim7", 10, use_ddim=True)
     with pytest.raises(UserError, match="does not fit"):
         sampling.check_respacing("2000", 1000, use_ddim=False)
+
+
+def test_resolve_sampler_folds_use_ddim_in_and_refuses_contradictions():
+    assert sampling.resolve_sampler("", False) == "ddpm"
+    assert sampling.resolve_sampler("", True) == "ddim"
+    assert sampling.resolve_sampler("ddim", True) == "ddim"
+    assert sampling.resolve_sampler("DPM++2M", False) == "dpm++2m"
+    with pytest.raises(UserError, match="give only one"):
+        sampling.resolve_sampler("dpm++3m", True)
+    with pytest.raises(UserError, match="unknown --sampler"):
+        sampling.resolve_sampler("heun", False)
