@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from unittest import mock
 from glob import glob
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -28,19 +29,13 @@ from guided_diffusion.train_util import AdamW, save_on_main_process
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
 from download import find_model, pretrained_models
+import models
 from models import DiT, DiT_models
 
 # Stable Diffusion's latent scaling factor, applied by DiT (not inside the VAE).
 LATENT_SCALE = 0.18215
 # The class labels sample.py draws (as released).
 SAMPLE_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
-# Depth, width and heads of each model size; the patch size is the number after "/".
-MODEL_SIZES = {
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-}
 HF_HUB = "https://huggingface.co"
 # torchvision ImageFolder's extensions.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -103,13 +98,12 @@ def vae_folder(args: argparse.Namespace) -> str:
 
 
 def model_config(name: str) -> Dict[str, int]:
-    """depth / hidden_size / num_heads / patch_size of a registry name such as "DiT-XL/2"."""
-    m = re.fullmatch(r"DiT-(XL|L|B|S)/(\d+)", name or "")
-    if name not in DiT_models or not m:
+    """depth / hidden_size / patch_size / num_heads of a registry name such as "DiT-XL/2", read from the registry
+    itself: its function runs with models.DiT replaced by dict, so it returns its arguments and builds nothing."""
+    if name not in DiT_models:
         raise UserError("unknown --model %r: choose one of %s" % (name, ", ".join(DiT_models)))
-    cfg = dict(MODEL_SIZES[m.group(1)])
-    cfg["patch_size"] = int(m.group(2))
-    return cfg
+    with mock.patch.object(models, "DiT", dict):
+        return DiT_models[name]()
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:

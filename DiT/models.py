@@ -15,7 +15,7 @@ import guided_diffusion  # noqa: F401  (prepares Jittor's environment before Jit
 import jittor as jt
 from jittor import nn
 
-from guided_diffusion import cpu_kernels
+from guided_diffusion import cpu
 from guided_diffusion import nn as gd_nn
 
 
@@ -30,10 +30,9 @@ def modulate(x: jt.Var, shift: jt.Var, scale: jt.Var) -> jt.Var:
 
 
 def norm_modulate(norm: "LayerNormNoAffine", x: jt.Var, shift: jt.Var, scale: jt.Var) -> jt.Var:
-    """modulate(norm(x), shift, scale): one fused kernel in CPU inference, where Jittor's ops run single-threaded."""
-    if (gd_nn._inference_only() and not jt.flags.use_cuda
-            and x.dtype == shift.dtype == scale.dtype == "float32" and x.ndim == 3):
-        return cpu_kernels.layer_norm_modulate(x, shift, scale, norm.eps)
+    """modulate(norm(x), shift, scale)."""
+    if x.ndim == 3 and cpu.fast_cpu_inference_path(x, shift, scale):
+        return cpu.layer_norm_modulate(x, shift, scale, norm.eps)
     return modulate(norm(x), shift, scale)
 
 
@@ -126,22 +125,9 @@ class Attention(nn.Module):
 
 
 def scaled_dot_product_attention(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
-    """softmax(q k^T * scale) v over (batch, tokens, dim) inputs, picking the faster CPU matmul for the shape.
-
-    guided_diffusion.nn.batched_matmul (one oneDNN 2-D matmul per batch element, forward and backward) wins for long
-    sequences (>= 512 tokens) when the batch is small or gradients are needed; for DiT's usual many-heads-few-tokens
-    shapes (e.g. 32 x 256 x 72 at 256 px) its per-element overhead dominates and Jittor's batched matmul is faster
-    (measured on the 2-core CPU: 0.05 s vs 1.3 s forward, 0.4 s vs 0.6-3 s forward+backward).
-    """
-    b, n, _ = q.shape
-    if gd_nn._inference_only() and gd_nn._use_onednn(q, k, v):
-        # Forward only on the CPU: one kernel, per head plain (non-transposed) oneDNN sgemms around a row softmax,
-        # the [N, N] weights staying in cache.
-        return cpu_kernels.attention_heads(q * scale, k.transpose((0, 2, 1)), v)
-    if n >= 512 and (b <= 8 or not jt.flags.no_grad):
-        attn = gd_nn.batched_matmul(q, k, trans_b=True) * scale
-        attn = nn.softmax(attn, dim=-1)
-        return gd_nn.batched_matmul(attn, v)
+    """softmax(q k^T * scale) v over (batch, tokens, dim) inputs."""
+    if cpu.fast_cpu_path(q, k, v):
+        return cpu.scaled_dot_product_attention(q, k, v, scale)
     attn = nn.softmax(nn.bmm_transpose(q, k) * scale, dim=-1)
     return nn.bmm(attn, v)
 

@@ -19,7 +19,7 @@ import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 from jittor import nn as jnn  # noqa: E402
 
-from guided_diffusion import winograd  # noqa: E402
+from guided_diffusion.cpu import winograd  # noqa: E402
 
 # (batch, in channels, out channels, size)
 SHAPES = [(4, 192, 192, 64), (4, 384, 384, 32), (4, 576, 576, 16), (4, 768, 768, 8), (4, 64, 64, 64),

@@ -62,17 +62,16 @@ def _check_onednn() -> None:
         raise SystemExit(2)
 
 
-def _prepare_jittor_environment() -> bool:
-    """Set Jittor's environment variables; returns whether a GPU is present."""
-    gpu = _has_nvidia_gpu()
-    if not gpu:
+def _prepare_jittor_environment() -> None:
+    """Set Jittor's environment variables (CUDA off where no GPU is present) and check oneDNN."""
+    if not _has_nvidia_gpu():
         os.environ["nvcc_path"] = ""
     _check_onednn()
-    return gpu
 
 
 os.environ.setdefault("log_silent", "1")  # Jittor info lines; our strict loader makes its warnings unnecessary
-HAS_GPU = _prepare_jittor_environment() if "jittor" not in sys.modules else None
+if "jittor" not in sys.modules:
+    _prepare_jittor_environment()
 
 import jittor as _jt  # noqa: E402  (must come after the environment is prepared)
 

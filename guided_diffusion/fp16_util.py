@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from . import cpu_kernels, logger  # noqa: E402
+from . import cpu, logger  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 
 INITIAL_LOG_LOSS_SCALE = 20.0
@@ -163,8 +163,8 @@ def sums_of_squares(tensors: Sequence[jt.Var]) -> np.ndarray:
     """float64 numpy array of each tensor's sum of squares (the trainer's norms; a non-finite one flags NaN/inf)."""
     if not tensors:
         return np.zeros((0,), np.float64)
-    if not jt.flags.use_cuda and all(t.dtype == "float32" for t in tensors):
-        return cpu_kernels.sum_of_squares(tensors).numpy()
+    if cpu.fast_cpu_path(*tensors):
+        return cpu.sum_of_squares(tensors).numpy()
     return jt.concat([t.float32().sqr().sum().reshape(1) for t in tensors]).numpy().astype(np.float64)
 
 

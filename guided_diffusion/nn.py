@@ -4,9 +4,8 @@ Various utilities for neural networks (Jittor port of guided_diffusion/nn.py).
 `checkpoint` is real gradient checkpointing (a custom jt.Function that recomputes in backward), as in the reference.
 
 Besides the reference helpers this module holds the attention helpers (`qkv_attention`, `attention_qkv`,
-`batched_matmul`) and the layers' device dispatch: on the CPU in float32 the modules here (GroupNorm32, SiLU, the
-convolutions, the FiLM `scale_shift`, QKV attention) run the fused kernels of `guided_diffusion.cpu_kernels` and
-`guided_diffusion.winograd`; on CUDA, Jittor's own ops.
+`batched_matmul`). Where `guided_diffusion.cpu` says so (on the CPU in float32) the layers here run its fused
+kernels; otherwise, and on CUDA, the Jittor ops written out below.
 """
 
 import math
@@ -16,27 +15,15 @@ import numpy as np
 import jittor as jt
 from jittor import nn
 
-from . import cpu_kernels, winograd
-
-
-_CHECKPOINT_FORWARD_DEPTH = [0]
-
-
-def _inference_only() -> bool:
-    """True when no gradient will be asked for, so forward-only CPU kernels may run.
-
-    A checkpointed forward also runs with gradients off, but its backward recomputes it with gradients on; the two
-    must compute exactly the same thing, so the forward-only kernels stay off inside it.
-    """
-    return bool(jt.flags.no_grad) and _CHECKPOINT_FORWARD_DEPTH[0] == 0
+from . import cpu
 
 
 class SiLU(nn.Module):
-    """x * sigmoid(x), as torch.nn.SiLU; on the CPU in float32 one multi-threaded kernel each way."""
+    """x * sigmoid(x), as torch.nn.SiLU."""
 
     def execute(self, x: jt.Var) -> jt.Var:
-        if not jt.flags.use_cuda and x.dtype == "float32":
-            return cpu_kernels.silu(x)
+        if cpu.fast_cpu_path(x):
+            return cpu.silu(x)
         return x * jt.sigmoid(x)
 
 
@@ -45,12 +32,6 @@ class GroupNorm32(nn.GroupNorm):
 
     Jittor's own GroupNorm uses E[x^2] - E[x]^2, which loses precision for inputs with a large mean; this one
     subtracts the group mean first (as PyTorch does). eps defaults to 1e-5 and the affine parameters stay float32.
-
-    On the CPU (affine, channels divisible by the groups) it runs as fused OpenMP kernels (`cpu_kernels.group_norm`)
-    instead of Jittor's single-threaded op-by-op reduce/broadcast kernels: without gradients one forward kernel;
-    otherwise one forward kernel (which also keeps the per-group mean and 1/std) and one backward kernel. Inside a
-    checkpointed forward (gradients off) the gradient path still runs, so the forward and its recompute are the same
-    kernel.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
@@ -59,18 +40,13 @@ class GroupNorm32(nn.GroupNorm):
     def execute(self, x: jt.Var) -> jt.Var:
         in_dtype = x.dtype
         xf = x.float32() if in_dtype != "float32" else x
-        shape = xf.shape
-        n, c = shape[0], shape[1]
+        c = xf.shape[1]
         assert c == self.num_channels, f"GroupNorm32 expects {self.num_channels} channels, got {c}"
-        g = self.num_groups
-        if not jt.flags.use_cuda and self.affine and c % g == 0 and xf.numel() > 0:
-            x3 = xf.reshape((n, c, -1))
-            w, b = self.weight.float32(), self.bias.float32()
-            xn = cpu_kernels.group_norm(x3, w, b, g, self.eps, with_grad=not _inference_only())
-            xn = xn.reshape(shape)
+        if self.affine and c % self.num_groups == 0 and cpu.fast_cpu_path(xf, self.weight, self.bias):
+            xn = cpu.group_norm(xf, self.weight, self.bias, self.num_groups, self.eps)
         else:
             xn = _group_norm_ops(xf, self.weight if self.affine else None, self.bias if self.affine else None,
-                                 g, self.eps)
+                                 self.num_groups, self.eps)
         if in_dtype != "float32":
             xn = xn.cast(in_dtype)
         return xn
@@ -136,28 +112,17 @@ class AvgPoolNd(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """Jittor's Conv2d (same parameters and state-dict keys) with fast CPU paths.
-
-    On the CPU in float32, a 3x3 stride-1 padding-1 convolution with enough tiles and channels runs as Winograd
-    F(2x2, 3x3) (`guided_diffusion.winograd`), which does 2.25x fewer multiplies than oneDNN's direct convolution:
-    forward only without gradients, otherwise with a Winograd input gradient and weight gradient as well. Other
-    convolutions are oneDNN's (through Jittor) with the bias added by one fused kernel; CUDA is Jittor's unchanged.
-    """
+    """Jittor's Conv2d (same parameters and state-dict keys); on the CPU path `guided_diffusion.cpu.conv2d` (Winograd
+    F(2x2, 3x3) where it pays, the bias fused)."""
 
     def execute(self, x: jt.Var) -> jt.Var:
-        if (winograd.winograd_applies(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-                and winograd.winograd_pays(x, self.weight)):
-            if _inference_only():
-                return winograd.winograd_conv3x3(x, self.weight, self.bias)
-            if self.bias is not None and self.bias.dtype == "float32":
-                return winograd.winograd_conv3x3_with_grad(x, self.weight, self.bias)
-        if _fused_bias_applies(x, self.weight, self.bias):
-            return _conv2d_fused_bias(self, x, self.weight)
+        if cpu.fast_cpu_path(x, self.weight):
+            return cpu.conv2d(self, x)
         return super().execute(x)
 
 
 class Conv1d(nn.Conv1d):
-    """Jittor's Conv1d (same parameters; keys in PyTorch's order) whose bias is added by one fused CPU kernel."""
+    """Jittor's Conv1d (same parameters; keys in PyTorch's order); on the CPU path the bias is fused."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -167,30 +132,9 @@ class Conv1d(nn.Conv1d):
         self.bias = bias
 
     def execute(self, x: jt.Var) -> jt.Var:
-        if x.ndim == 3 and _fused_bias_applies(x, self.weight, self.bias):
-            return _conv2d_fused_bias(self, x.unsqueeze(-1), self.weight.unsqueeze(-1)).squeeze(-1)
+        if x.ndim == 3 and cpu.fast_cpu_path(x, self.weight):
+            return cpu.conv1d(self, x)
         return super().execute(x)
-
-
-def _conv2d_fused_bias(conv: nn.Module, x: jt.Var, weight: jt.Var) -> jt.Var:
-    """`conv` on 4-D x with 4-D weight on the CPU: a 1x1 one in inference as plain GEMMs, otherwise oneDNN's
-    convolution (through Jittor) with the bias added by one fused kernel."""
-    if _inference_only() and _is_pointwise(conv):
-        return cpu_kernels.pointwise_conv(x, weight, conv.bias)
-    y = nn.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return cpu_kernels.channel_bias_add(y, conv.bias)
-
-
-def _is_pointwise(conv: nn.Module) -> bool:
-    """A 1x1 convolution without stride, padding, dilation or groups (a per-pixel matrix product)."""
-    return (all(k == 1 for k in _as_tuple(conv.kernel_size, 2)) and all(s == 1 for s in _as_tuple(conv.stride, 2))
-            and all(p == 0 for p in _as_tuple(conv.padding, 2)) and conv.groups == 1)
-
-
-def _fused_bias_applies(x: jt.Var, weight: jt.Var, bias) -> bool:
-    """Whether a convolution's bias may be added by `cpu_kernels.channel_bias_add` (CPU, float32 throughout)."""
-    return (bias is not None and not jt.flags.use_cuda
-            and x.dtype == "float32" and weight.dtype == "float32" and bias.dtype == "float32")
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -290,75 +234,18 @@ def timestep_embedding(timesteps: jt.Var, dim: int, max_period: float = 10000) -
 
 
 def softmax_last(x: jt.Var) -> jt.Var:
-    """Softmax over the last axis, computed in float32 and cast back to x's dtype.
-
-    Exists because Jittor's softmax on the CPU runs three single-threaded sweeps and evaluates exp twice per element
-    (about 10x slower than one fused row kernel for attention weights); on CUDA it is Jittor's own.
-    """
-    if jt.flags.use_cuda or x.ndim == 0:
-        return nn.softmax(x.float32(), dim=-1).cast(x.dtype)
-    return cpu_kernels.row_softmax(x.float32()).cast(x.dtype)
-
-
-def _use_onednn(*vs: jt.Var) -> bool:
-    return (not jt.flags.use_cuda) and jt.mkl_ops is not None and all(v.dtype == "float32" for v in vs)
-
-
-def _mm2d(a: jt.Var, b: jt.Var, trans_a: bool, trans_b: bool) -> jt.Var:
-    """op(a) @ op(b) for 2-D Vars, through oneDNN's sgemm when available."""
-    if _use_onednn(a, b):
-        return jt.mkl_ops.mkl_matmul(a, b, trans_a, trans_b)
-    if trans_a:
-        a = a.transpose((1, 0))
-    if trans_b:
-        return nn.matmul_transpose(a, b)
-    return nn.matmul(a, b)
-
-
-def _bmm_loop(a: jt.Var, b: jt.Var, trans_a: bool, trans_b: bool) -> jt.Var:
-    return jt.stack([_mm2d(a[i], b[i], trans_a, trans_b) for i in range(a.shape[0])], dim=0)
-
-
-class _BatchedMatmul2D(jt.Function):
-    """op(a)[i] @ op(b)[i] for every batch element i, as 2-D oneDNN matmuls in forward and backward."""
-
-    def __init__(self, trans_a: bool, trans_b: bool):
-        self.trans_a = trans_a
-        self.trans_b = trans_b
-
-    def execute(self, a: jt.Var, b: jt.Var) -> jt.Var:
-        self.a = a
-        self.b = b
-        return _bmm_loop(a, b, self.trans_a, self.trans_b)
-
-    def grad(self, g: jt.Var):
-        a, b, ta, tb = self.a, self.b, self.trans_a, self.trans_b
-        if g is None:
-            return None, None
-        if not ta and not tb:  # c = a b
-            da = _bmm_loop(g, b, False, True)
-            db = _bmm_loop(a, g, True, False)
-        elif ta and not tb:  # c = a^T b
-            da = _bmm_loop(b, g, False, True)
-            db = _bmm_loop(a, g, False, False)
-        elif not ta and tb:  # c = a b^T
-            da = _bmm_loop(g, b, False, False)
-            db = _bmm_loop(g, a, True, False)
-        else:  # c = a^T b^T
-            da = _bmm_loop(b, g, True, True)
-            db = _bmm_loop(g, a, True, True)
-        return da, db
+    """Softmax over the last axis, computed in float32 and cast back to x's dtype."""
+    xf = x.float32()
+    if x.ndim and cpu.fast_cpu_path(xf):
+        return cpu.row_softmax(xf).cast(x.dtype)
+    return nn.softmax(xf, dim=-1).cast(x.dtype)
 
 
 def batched_matmul(a: jt.Var, b: jt.Var, trans_a: bool = False, trans_b: bool = False) -> jt.Var:
-    """Batched op(a) @ op(b) for 3-D Vars [B, ., .]; op transposes the last two axes when asked.
-
-    Exists because Jittor's batched matmul is slow on the CPU: there it runs per-batch oneDNN 2-D matmuls (with a
-    matching backward); on CUDA or without oneDNN it uses Jittor's own matmul.
-    """
+    """Batched op(a) @ op(b) for 3-D Vars [B, ., .]; op transposes the last two axes when asked."""
     assert a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0], (a.shape, b.shape)
-    if _use_onednn(a, b):
-        return _BatchedMatmul2D(trans_a, trans_b)(a, b)
+    if cpu.fast_cpu_path(a, b):
+        return cpu.batched_matmul(a, b, trans_a, trans_b)
     if trans_a:
         a = a.transpose((0, 2, 1))
     if trans_b:
@@ -369,16 +256,14 @@ def batched_matmul(a: jt.Var, b: jt.Var, trans_a: bool = False, trans_b: bool = 
 def qkv_attention(qkv: jt.Var, n_heads: int, legacy: bool) -> jt.Var:
     """ADM's QKV attention, [N x 3*H*C x T] -> [N x H*C x T]; `legacy` picks QKVAttentionLegacy's channel order.
 
-    The legacy order holds [q | k | v] per head, the new one [q of all heads | k | v]. On the CPU in float32 this is
-    one fused kernel per direction (`cpu_kernels.qkv_attention`, reading q, k and v straight from qkv); elsewhere
-    `attention_qkv` on the sliced heads.
+    The legacy order holds [q | k | v] per head, the new one [q of all heads | k | v].
     """
     bs, width, length = qkv.shape
     assert width % (3 * n_heads) == 0
     ch = width // (3 * n_heads)
     scale = 1 / np.sqrt(np.sqrt(ch))
-    if _use_onednn(qkv):
-        return cpu_kernels.qkv_attention(qkv, n_heads, legacy, scale, with_grad=not _inference_only())
+    if cpu.fast_cpu_path(qkv):
+        return cpu.qkv_attention(qkv, n_heads, legacy, scale)
     if legacy:
         qkv = qkv.reshape((bs * n_heads, ch * 3, length))
         q, k, v = qkv[:, :ch], qkv[:, ch : 2 * ch], qkv[:, 2 * ch :]
@@ -409,10 +294,10 @@ def attention_qkv(q: jt.Var, k: jt.Var, v: jt.Var, scale: float) -> jt.Var:
 
 
 def scale_shift(h: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
-    """h * (1 + scale) + shift, ResBlock's FiLM conditioning; one fused kernel each way on the CPU in float32."""
-    if (not jt.flags.use_cuda and all(v.dtype == "float32" for v in (h, scale, shift))
+    """h * (1 + scale) + shift, ResBlock's FiLM conditioning (scale and shift broadcast over the spatial axes)."""
+    if (cpu.fast_cpu_path(h, scale, shift)
             and tuple(scale.shape) == tuple(shift.shape) == tuple(h.shape[:2]) + (1,) * (h.ndim - 2)):
-        return cpu_kernels.scale_shift(h, scale, shift)
+        return cpu.scale_shift(h, scale, shift)
     return h * (1 + scale) + shift
 
 
@@ -447,12 +332,8 @@ class CheckpointFunction(jt.Function):
 
     def execute(self, *args):
         self.input_tensors = list(args[: self.length])
-        _CHECKPOINT_FORWARD_DEPTH[0] += 1
-        try:
-            with jt.flag_scope(no_grad=1):
-                output = self.run_function(*self.input_tensors)
-        finally:
-            _CHECKPOINT_FORWARD_DEPTH[0] -= 1
+        with cpu.recomputation(), jt.flag_scope(no_grad=1):
+            output = self.run_function(*self.input_tensors)
         self.multiple_outputs = isinstance(output, (tuple, list))
         return output
 

@@ -24,7 +24,7 @@ import jittor as jt
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, checkpoint_sets, dist_util, logger, seeding
+from . import checkpoint, checkpoint_sets, cpu, dist_util, logger, seeding
 from .errors import CheckpointError, InputCheck, UserError
 from .fp16_util import MixedPrecisionTrainer, sums_of_squares
 from .nn import update_ema
@@ -35,28 +35,6 @@ from .run_guard import RunGuard
 # We found that the lg_loss_scale quickly climbed to
 # 20-21 within the first ~1K steps of training.
 INITIAL_LOG_LOSS_SCALE = 20.0
-
-
-_ADAMW_HEADER = "#include <cmath>\n"
-
-# Inputs p, g, m, v, scalars = [1 - lr * wd, b0, 1 - b0, b1, 1 - b1, sqrt(1 - b1^n), eps, lr / (1 - b0^n)];
-# outputs p', m', v' computed as jt.optim.AdamW.step does.
-_ADAMW_SRC = r"""
-    const long size = in0->num;
-    const float* __restrict__ k = in4_p;
-    const float decay = k[0], b0 = k[1], c0 = k[2], b1 = k[3], c1 = k[4], sbc2 = k[5], eps = k[6], step = k[7];
-    #pragma omp parallel for schedule(static) if(size >= (1 << 16))
-    for (long i = 0; i < size; i++) {
-        const float g = in1_p[i];
-        const float p = in0_p[i] * decay;
-        const float m = b0 * in2_p[i] + c0 * g;
-        const float v = b1 * in3_p[i] + c1 * g * g;
-        const float denom = std::sqrt(v) / sbc2 + eps;
-        out0_p[i] = p - step * m / denom;
-        out1_p[i] = m;
-        out2_p[i] = v;
-    }
-"""
 
 
 class AdamW(jt.optim.AdamW):
@@ -74,34 +52,12 @@ class AdamW(jt.optim.AdamW):
         for pg in self.param_groups:
             pg["grads"] = [by_id[id(p)] if id(p) in by_id else jt.zeros_like(p) for p in pg["params"]]
         self.n_step += 1  # the bias-correction step count (Jittor counts backward() calls instead)
-        if jt.flags.use_cuda:
-            jt.optim.AdamW.step(self)
+        tensors = [v for pg in self.param_groups for v in pg["params"] + pg["grads"]]
+        if cpu.fast_cpu_path(*tensors):
+            cpu.adamw_step(self.param_groups, self.n_step, dict(lr=self.lr, betas=self.betas, eps=self.eps,
+                                                                weight_decay=self.weight_decay))
             return
-        self._fused_cpu_step()
-
-    def _fused_cpu_step(self) -> None:
-        """Jittor's AdamW update, same formula and operation order, as one multi-threaded CPU kernel per parameter.
-
-        The per-step scalars travel as a small array (not constants baked into the kernel), so a changing learning
-        rate or step count never compiles a new kernel.
-        """
-        n = float(self.n_step)
-        for pg in self.param_groups:
-            lr = pg.get("lr", self.lr)
-            b0, b1 = pg.get("betas", self.betas)
-            scalars = jt.array(np.array([
-                1 - lr * pg.get("weight_decay", self.weight_decay), b0, 1 - b0, b1, 1 - b1,
-                np.sqrt(1 - b1 ** n), pg.get("eps", self.eps), lr / (1 - b0 ** n)], dtype=np.float32))
-            for p, g, v, m in zip(pg["params"], pg["grads"], pg["values"], pg["m"]):
-                if p.is_stop_grad():
-                    continue
-                if p.dtype != "float32" or g.dtype != "float32":
-                    raise TypeError("AdamW on the CPU expects float32 parameters and gradients, got %s" % p.dtype)
-                new_p, new_m, new_v = jt.code([p.shape] * 3, ["float32"] * 3, [p, g, m, v, scalars],
-                                              cpu_header=_ADAMW_HEADER, cpu_src=_ADAMW_SRC)
-                m.update(new_m)
-                v.update(new_v)
-                p.update(new_p)
+        jt.optim.AdamW.step(self)
 
     def state_dict(self) -> Dict[str, Any]:
         """{"state": per-parameter moments and step, "param_groups": hyper-parameters}, as torch's AdamW."""
@@ -313,7 +269,6 @@ class TrainLoop:
         else:
             self.ema_params = [self._copy_params(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))]
 
-        self.ddp_model = self.model  # Jittor averages gradients over MPI ranks itself (see MixedPrecisionTrainer)
 
     @staticmethod
     def _copy_params(params: Sequence[jt.Var]) -> List[jt.Var]:
@@ -428,7 +383,7 @@ class TrainLoop:
 
             compute_losses = functools.partial(
                 self.diffusion.training_losses,
-                self.ddp_model,
+                self.model,  # Jittor averages gradients over MPI ranks itself (see MixedPrecisionTrainer)
                 micro,
                 t,
                 model_kwargs=micro_cond,

@@ -17,7 +17,6 @@ import sys
 from abc import abstractmethod
 from typing import Optional, Sequence
 
-import numpy as np
 import jittor as jt
 from jittor import nn
 
@@ -326,17 +325,6 @@ class AttentionBlock(nn.Module):
         return (x + h).reshape(shape)
 
 
-def count_flops_attn(model, _x, y):
-    """A counter for the `thop` package to count the operations in an attention operation."""
-    b, c, *spatial = y[0].shape
-    num_spatial = int(np.prod(spatial))
-    # We perform two matmuls with the same number of ops.
-    # The first computes the weight matrix, the second computes
-    # the combination of the value vectors.
-    matmul_ops = 2 * b * (num_spatial ** 2) * c
-    model.total_ops += jt.array(np.array([matmul_ops], dtype=np.float64))
-
-
 class QKVAttentionLegacy(nn.Module):
     """A module which performs QKV attention. Matches legacy QKVAttention + input/output heads shaping
     (per head [q | k | v] channel layout)."""
@@ -349,10 +337,6 @@ class QKVAttentionLegacy(nn.Module):
         """Apply QKV attention: [N x (H * 3 * C) x T] -> [N x (H * C) x T]."""
         return qkv_attention(qkv, self.n_heads, legacy=True)
 
-    @staticmethod
-    def count_flops(model, _x, y):
-        return count_flops_attn(model, _x, y)
-
 
 class QKVAttention(nn.Module):
     """A module which performs QKV attention and splits in a different order ([q all heads | k | v])."""
@@ -364,10 +348,6 @@ class QKVAttention(nn.Module):
     def execute(self, qkv: jt.Var) -> jt.Var:
         """Apply QKV attention: [N x (3 * H * C) x T] -> [N x (H * C) x T]."""
         return qkv_attention(qkv, self.n_heads, legacy=False)
-
-    @staticmethod
-    def count_flops(model, _x, y):
-        return count_flops_attn(model, _x, y)
 
 
 def _build_encoder(

@@ -19,7 +19,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 # a GPU is present). The same tests run either way; only those of CPU_ONLY_MODULES are skipped on CUDA.
 TEST_DEVICE = os.environ.get("GDJT_TEST_DEVICE", "").strip().lower()
 CPU_ONLY_MODULES = {
-    "test_cpu_kernels.py": "the fused CPU kernels (guided_diffusion/cpu_kernels.py) are not used on CUDA",
+    "test_cpu_kernels.py": "the fused CPU kernels (guided_diffusion/cpu/kernels.py) are not used on CUDA",
     "test_winograd.py": "the Winograd convolution is the CPU path (cuDNN convolves on CUDA)",
     "test_nn_fast_paths.py": "the forward-only fast paths of nn.py are CPU kernels",
 }

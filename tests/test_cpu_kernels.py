@@ -1,4 +1,4 @@
-"""The fused CPU kernels (guided_diffusion/cpu_kernels.py): values and gradients equal a float64 NumPy computation."""
+"""The fused CPU kernels (guided_diffusion/cpu/kernels.py): values and gradients equal a float64 NumPy computation."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
 import jittor as jt
 
-from guided_diffusion import cpu_kernels
+from guided_diffusion import cpu
+from guided_diffusion.cpu import kernels as cpu_kernels
 from guided_diffusion import nn as gnn
 
 
@@ -96,7 +97,7 @@ def test_qkv_attention_gradient_matches_the_op_by_op_gradient(monkeypatch, legac
     qkv = rng.randn(2, 3 * heads * ch, length).astype(np.float32)
     g = rng.randn(2, heads * ch, length).astype(np.float32)
     fused = _grads(lambda x: gnn.qkv_attention(x, heads, legacy), [qkv], g)
-    monkeypatch.setattr(gnn, "_use_onednn", lambda *vs: False)  # gnn.attention_qkv on sliced heads
+    monkeypatch.setattr(cpu, "fast_cpu_path", lambda *vs: False)  # gnn.attention_qkv on sliced heads
     plain = _grads(lambda x: gnn.qkv_attention(x, heads, legacy), [qkv], g)
     for ours, ref in zip(fused, plain):
         assert np.abs(ref).max() > 0

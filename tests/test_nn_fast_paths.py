@@ -10,7 +10,7 @@ import pytest
 import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
 import jittor as jt
 
-from guided_diffusion import cpu_kernels
+from guided_diffusion.cpu import kernels as cpu_kernels
 from guided_diffusion import nn as gnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,6 +10,7 @@ import pytest
 import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
 import jittor as jt
 
+from guided_diffusion import cpu
 from guided_diffusion import unet
 from guided_diffusion.checkpoint import load_file, load_state_dict_strict
 from guided_diffusion.unet import (
@@ -334,9 +335,7 @@ def test_fixture_unet_converted_to_fp16_on_cuda_stays_close_to_float32():
     assert max_abs <= FP16_MAX_ABS_TOL and rel_l2 <= FP16_REL_L2_TOL, (max_abs, rel_l2)
 
 
-def test_onednn_attention_gives_the_same_values_and_gradients_as_plain_jittor_matmul(monkeypatch):
-    from guided_diffusion import nn as gnn
-
+def test_cpu_fast_paths_give_the_same_values_and_gradients_as_plain_jittor_ops(monkeypatch):
     with open(os.path.join(GD, "classifier64_attention_kwargs.json")) as f:
         kwargs = json.load(f)
     model = _load(EncoderUNetModel(**kwargs), "classifier64_attention.pt")
@@ -353,7 +352,7 @@ def test_onednn_attention_gives_the_same_values_and_gradients_as_plain_jittor_ma
         return [out.numpy()] + [g.numpy() for g in grads]
 
     fast = run()
-    monkeypatch.setattr(gnn, "_use_onednn", lambda *vs: False)
+    monkeypatch.setattr(cpu, "fast_cpu_path", lambda *vs: False)  # every layer's plain Jittor ops
     plain = run()
     for a, b in zip(fast, plain):
         assert np.abs(b).max() > 0

@@ -7,7 +7,7 @@ import jittor as jt
 from jittor import nn as jnn
 
 from guided_diffusion import nn as gnn
-from guided_diffusion import winograd
+from guided_diffusion.cpu import winograd
 
 
 def _direct(x, conv):

@@ -22,7 +22,7 @@ processed in chunks so the scratch buffers stay small whatever the image size.
 
 import jittor as jt
 
-from .cpu_kernels import channel_bias_grad
+from .kernels import channel_bias_grad
 
 # Output tiles per chunk and thread: large enough for efficient GEMMs, small enough that a chunk's transformed input
 # stays near the caches and the scratch memory is bounded (16 * (C + O) * 512 tiles * 4 bytes: 32 MiB for C + O =
@@ -299,13 +299,10 @@ _GRAD_WEIGHT_SRC = r"""
 
 
 def winograd_applies(x: jt.Var, weight: jt.Var, stride, padding, dilation, groups: int) -> bool:
-    """True when a convolution can take the Winograd path: CPU, float32, 4-D, 3x3, stride 1, padding 1, dense."""
+    """True when a convolution has the Winograd path's geometry: 4-D, 3x3, stride 1, padding 1, dense (the device
+    and dtype are dispatch's to check)."""
     return (
-        not jt.flags.use_cuda
-        and jt.mkl_ops is not None
-        and x.ndim == 4
-        and x.dtype == "float32"
-        and weight.dtype == "float32"
+        x.ndim == 4
         and tuple(weight.shape[2:]) == (3, 3)
         and groups == 1
         and _pair(stride) == (1, 1)

@@ -7,9 +7,9 @@ blocked layouts on every call. Each function here does one layer's piece of work
 direction: group norm, SiLU, the conv bias, the FiLM scale-shift, 1x1 convolutions, softmax, attention (the UNet's
 QKV attention and DiT's heads), DiT's adaLN, and the trainer's squared norms. All are deterministic (each sum they
 take themselves is taken by one thread in a fixed order, so it does not depend on the thread count) and equal the
-op-by-op computation up to float32 rounding. Callers (`guided_diffusion.nn`, `DiT/models.py`, the trainer) use them only on
-the CPU with float32 inputs; CUDA keeps Jittor's own ops. The Winograd convolutions are in
-`guided_diffusion.winograd`.
+op-by-op computation up to float32 rounding. Callers reach them through `guided_diffusion.cpu` (dispatch decides: only on
+the CPU with float32 inputs; CUDA keeps Jittor's own ops). The Winograd convolutions are in
+`guided_diffusion.cpu.winograd`; `guided_diffusion.cpu.ops` chooses between them.
 """
 
 from typing import List, Sequence
