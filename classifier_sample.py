@@ -5,8 +5,9 @@ images (classifier guidance: DDPM, or DDIM with --use_ddim True --timestep_respa
 
 import argparse
 
-from guided_diffusion import dist_util, guidance, logger, sampling
+from guided_diffusion import dist_util, guidance, logger, model_loading, sampling
 from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.flag_help import attach_flag_help
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -19,21 +20,21 @@ def main():
     args = create_argparser().parse_args()
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
-    fixed = check(sampling.parse_class_labels, args.class_labels, NUM_CLASSES)
-    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
-    check(sampling.require_file, args.classifier_path, what="classifier", flag="--classifier_path")
+    fixed = check(model_loading.parse_class_labels, args.class_labels, NUM_CLASSES)
+    check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check(model_loading.require_file, args.classifier_path, what="classifier", flag="--classifier_path")
     check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = model_loading.load_model_and_diffusion(
         args, model_and_diffusion_defaults().keys(), model_path=args.model_path
     )
 
     logger.log("loading classifier...")
-    classifier = sampling.load_classifier(args)
+    classifier = model_loading.load_classifier(args)
     cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale)
 
     def model_fn(x, t, y=None):
@@ -43,8 +44,8 @@ def main():
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model_fn, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised, cond_fn=cond_fn,
-        num_classes=NUM_CLASSES, fixed_labels=fixed,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        cond_fn=cond_fn, num_classes=NUM_CLASSES, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
@@ -70,8 +71,8 @@ def create_argparser():
     defaults.update(classifier_defaults())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    sampling.document_flags(parser, {"class_labels": "comma-separated class ids to guide towards, used in turn "
-                                                     "(e.g. 207 or 1,2,3); empty: a random class per sample"})
+    attach_flag_help(parser, {"class_labels": "comma-separated class ids to guide towards, used in turn "
+                                              "(e.g. 207 or 1,2,3); empty: a random class per sample"})
     return parser
 
 

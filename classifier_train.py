@@ -14,29 +14,11 @@ from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
+from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
 from guided_diffusion.train_util import (
-    TRAIN_FLAG_HELP,
-    ClassifierTrainLoop,
     check_training_flags,
+    classifier_train_loop_from_args,
     seeded_initialisation,
-    set_flag_help,
-)
-
-CLASSIFIER_FLAG_HELP = dict(
-    TRAIN_FLAG_HELP,
-    val_data_dir="folder of validation images (evaluated every --eval_interval steps); '' to skip",
-    noised="train on noised inputs q_sample(x, t) with random timesteps t (for guidance)",
-    iterations="total number of optimizer steps (resumed steps included)",
-    anneal_lr="decay the learning rate linearly to 0 over --iterations",
-    eval_interval="evaluate on --val_data_dir every this many steps",
-    classifier_use_fp16="mixed precision with dynamic loss scaling (CUDA only)",
-    classifier_width="base channel count of the classifier",
-    classifier_depth="residual blocks per resolution",
-    classifier_attention_resolutions="comma-separated downsampling rates with attention",
-    classifier_use_scale_shift_norm="FiLM-like timestep conditioning in the residual blocks",
-    classifier_resblock_updown="residual blocks for downsampling",
-    classifier_pool="output head: attention, adaptive, spatial or spatial_v2",
-    data_dir="folder of training images; the class is the file-name prefix before '_'",
 )
 
 
@@ -81,26 +63,7 @@ def main() -> None:
         )
 
     logger.log("training classifier model...")
-    ClassifierTrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        val_data=val_data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        anneal_lr=args.anneal_lr,
-        iterations=args.iterations,
-        noised=args.noised,
-        schedule_sampler=schedule_sampler,
-        resume_checkpoint=args.resume_checkpoint,
-        log_interval=args.log_interval,
-        eval_interval=args.eval_interval,
-        save_interval=args.save_interval,
-        use_fp16=args.classifier_use_fp16,
-        seed=args.seed,
-    ).run_loop()
+    classifier_train_loop_from_args(args, model, diffusion, data, val_data, schedule_sampler).run_loop()
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -125,7 +88,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(classifier_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)
-    set_flag_help(parser, CLASSIFIER_FLAG_HELP)
+    attach_flag_help(parser, TRAINING_FLAG_HELP)
     return parser
 
 

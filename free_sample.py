@@ -12,8 +12,9 @@ learned variance comes from the conditional prediction). Two ways to give the mo
 
 import argparse
 
-from guided_diffusion import dist_util, logger, sampling
+from guided_diffusion import dist_util, logger, model_loading, sampling
 from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.flag_help import attach_flag_help
 from guided_diffusion.guidance import ClassifierFreeGuidance
 from guided_diffusion.script_util import (
     NUM_CLASSES,
@@ -35,7 +36,7 @@ def main():
             check.problem("give either --model_path (a free_train.py model) or --cmodel_path with --ucmodel_path "
                           "(two models), not both")
         num_classes = args.num_classes
-        check(sampling.require_file, args.model_path, what="free_train.py model", flag="--model_path")
+        check(model_loading.require_file, args.model_path, what="free_train.py model", flag="--model_path")
     else:
         if not (args.cmodel_path and args.ucmodel_path):
             check.problem("classifier-free sampling needs --cmodel_path (class-conditional model) and "
@@ -45,8 +46,8 @@ def main():
         for flag, path, what in (("--cmodel_path", args.cmodel_path, "class-conditional model"),
                                  ("--ucmodel_path", args.ucmodel_path, "unconditional model")):
             if path:
-                check(sampling.require_file, path, what=what, flag=flag)
-    fixed = check(sampling.parse_class_labels, args.class_labels, num_classes)
+                check(model_loading.require_file, path, what=what, flag=flag)
+    fixed = check(model_loading.parse_class_labels, args.class_labels, num_classes)
     check.done()
 
     dist_util.setup_dist()
@@ -55,15 +56,15 @@ def main():
     keys = model_and_diffusion_defaults().keys()
     logger.log("creating model and diffusion...")
     if args.model_path:
-        model, diffusion = sampling.load_model_and_diffusion(
+        model, diffusion = model_loading.load_model_and_diffusion(
             args, keys, model_path=args.model_path, class_cond=True, num_classes=num_classes + 1
         )
         guided = ClassifierFreeGuidance(model, args.w, null_label=num_classes)
     else:
-        cmodel, diffusion = sampling.load_model_and_diffusion(
+        cmodel, diffusion = model_loading.load_model_and_diffusion(
             args, keys, model_path=args.cmodel_path, flag="--cmodel_path", class_cond=True
         )
-        ucmodel, _ = sampling.load_model_and_diffusion(
+        ucmodel, _ = model_loading.load_model_and_diffusion(
             args, keys, model_path=args.ucmodel_path, flag="--ucmodel_path", class_cond=False
         )
         guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel)
@@ -71,7 +72,8 @@ def main():
     logger.log("sampling with guidance weight w=%g..." % args.w)
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, guided, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised, num_classes=num_classes, fixed_labels=fixed,
+        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        num_classes=num_classes, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
@@ -98,19 +100,12 @@ def create_argparser(free_defaults: bool = False):
     defaults.setdefault("num_classes", free_model_and_diffusion_defaults()["num_classes"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    sampling.document_flags(parser, {
-        "w": "classifier-free guidance weight: eps = (1 + w) * eps_cond - w * eps_uncond; 0 samples the "
-             "conditional model alone, larger values follow the class more closely (less diversity)",
-        "cmodel_path": "mode (a): the class-conditional model, e.g. models/256x256_diffusion.pt",
-        "ucmodel_path": "mode (a): the unconditional model, e.g. models/256x256_diffusion_uncond.pt",
+    attach_flag_help(parser, {
         "model_path": "mode (b): a model trained by free_train.py (null label = --num_classes)",
         "num_classes": "mode (b): number of real classes of the free_train.py model (its label table has one more "
                        "row, the null label); mode (a) always uses the 1000 ImageNet classes",
         "class_cond": "ignored: the conditional model is always class-conditional, the unconditional one not",
     })
-    for action in parser._actions:  # show defaults (RawDescription keeps the mode list above readable)
-        if action.help and action.default not in (None, argparse.SUPPRESS) and "%(default)" not in action.help:
-            action.help += " (default: %(default)s)"
     return parser
 
 

@@ -18,20 +18,14 @@ from guided_diffusion.script_util import (
     free_model_and_diffusion_defaults,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import (
-    TRAIN_FLAG_HELP,
-    TrainLoop,
-    check_training_flags,
-    seeded_initialisation,
-    set_flag_help,
-)
+from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
+from guided_diffusion.train_util import check_training_flags, seeded_initialisation, train_loop_from_args
 
 FREE_FLAG_HELP = dict(
-    TRAIN_FLAG_HELP,
+    TRAINING_FLAG_HELP,
     data_dir="CIFAR-10 folder (cifar-10-batches-py inside, downloaded when absent) or a folder of images "
              "named <class>_<anything>.png",
     num_classes="number of real classes; the label table gets one more row, the null label (= num_classes)",
-    p_uncond="probability of replacing a label by the null label during training",
 )
 
 
@@ -69,24 +63,7 @@ def main() -> None:
     data = with_label_dropout(data, args.p_uncond, null_label=args.num_classes, seed=args.seed)
 
     logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        seed=args.seed,
-    ).run_loop()
+    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -111,7 +88,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(free_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)
-    set_flag_help(parser, FREE_FLAG_HELP)
+    attach_flag_help(parser, FREE_FLAG_HELP)
     return parser
 
 

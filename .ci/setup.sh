@@ -46,8 +46,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VPY" -m pip install -q -r requirements.txt -r evaluations/requirements.txt
   echo "$want" > "$stamp"
 fi
-# The editable install points at this checkout; redo it when the checkout moved.
-if ! "$VPY" -c "import guided_diffusion, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(guided_diffusion.__file__))) == '$ROOT' else 1)" 2>/dev/null; then
+# The editable install points at this checkout; redo it when the checkout moved. (Checked from / : from the
+# checkout itself Python would find the package through the working directory whatever the install says.)
+if ! (cd / && "$VPY" -c "import guided_diffusion, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(guided_diffusion.__file__))) == '$ROOT' else 1)") 2>/dev/null; then
   say "installing the package (editable)"
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
 fi

@@ -19,7 +19,8 @@ import jittor as jt
 from jittor import nn
 
 from guided_diffusion import nn as gd_nn
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 from guided_diffusion.errors import CheckpointError, UserError
 
 from models import scaled_dot_product_attention

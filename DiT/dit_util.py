@@ -21,6 +21,7 @@ import guided_diffusion  # noqa: F401  (prepares Jittor's environment before Jit
 import jittor as jt
 
 from guided_diffusion import checkpoint as gd_checkpoint
+from guided_diffusion import state_dicts as gd_state_dicts
 from guided_diffusion import dist_util
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
 from guided_diffusion.fp16_util import sums_of_squares
@@ -130,12 +131,14 @@ def build_model(args: argparse.Namespace, latent_size: int) -> DiT:
     if latent_size % cfg["patch_size"]:
         raise UserError("the latent size %d is not divisible by the patch size %d of %s: choose another "
                         "--image-size or --model" % (latent_size, cfg["patch_size"], args.model))
+    use_checkpoint = bool(getattr(args, "grad_checkpoint", False))
     if not overrides:
-        return DiT_models[args.model](input_size=latent_size, num_classes=args.num_classes)
+        return DiT_models[args.model](input_size=latent_size, num_classes=args.num_classes,
+                                      use_checkpoint=use_checkpoint)
     cfg.update(overrides)
     if cfg["hidden_size"] % cfg["num_heads"]:
         raise UserError("--hidden-size %d is not divisible by --num-heads %d" % (cfg["hidden_size"], cfg["num_heads"]))
-    return DiT(input_size=latent_size, num_classes=args.num_classes, **cfg)
+    return DiT(input_size=latent_size, num_classes=args.num_classes, use_checkpoint=use_checkpoint, **cfg)
 
 
 def load_dit_checkpoint(model: DiT, ckpt: Optional[str], args: argparse.Namespace) -> str:
@@ -146,7 +149,7 @@ def load_dit_checkpoint(model: DiT, ckpt: Optional[str], args: argparse.Namespac
                             "256 or 512, --num-classes 1000); pass --ckpt for other settings")
         ckpt = "DiT-XL-2-%dx%d.pt" % (args.image_size, args.image_size)
     state_dict = find_model(ckpt)
-    gd_checkpoint.load_state_dict_strict(model, state_dict, source="DiT checkpoint %s" % ckpt)
+    gd_state_dicts.load_state_dict_strict(model, state_dict, source="DiT checkpoint %s" % ckpt)
     return ckpt
 
 
@@ -174,24 +177,17 @@ def _vae_is_present(folder: str) -> bool:
         os.path.isfile(os.path.join(folder, n)) for n in WEIGHTS_NAMES)
 
 
-def check_inputs(check: InputCheck, args: argparse.Namespace, *, ckpt_flag: Optional[str] = None) -> None:
+def check_inputs(check: InputCheck, args: argparse.Namespace, *, ckpt_flag: Optional[str] = None,
+                 vae: bool = True) -> None:
     """Record, in `check`, every problem of a DiT script's flags and files (model, sizes, VAE, checkpoint) and
     then raise them together: nothing is downloaded or built before the cheap checks have all passed.
 
-    ckpt_flag: "--ckpt" for the samplers (unset means the released DiT-XL/2 for --image-size).
+    ckpt_flag: "--ckpt" for the samplers (unset means the released DiT-XL/2 for --image-size). vae=False: the
+    script needs no VAE (train.py --feature-path).
     """
     check(model_config, args.model)
     if args.num_classes < 1:
         check.problem("--num-classes must be at least 1 (got %d)" % args.num_classes)
-    folder = vae_folder(args)
-    factor = 8  # the SD VAEs'; a local folder's config says otherwise
-    if _vae_is_present(folder):
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
-        except (OSError, ValueError, TypeError) as exc:
-            check.problem("cannot read the VAE config in %s (%s): download config.json again" % (folder, exc))
-    check(latent_size_for, args.image_size, factor)
     if ckpt_flag:
         ckpt = getattr(args, "ckpt", None)
         if ckpt is None:
@@ -202,6 +198,23 @@ def check_inputs(check: InputCheck, args: argparse.Namespace, *, ckpt_flag: Opti
                 and not os.path.isfile(ckpt):
             check.problem("could not find DiT checkpoint at %s: check %s (a released name such as "
                           "DiT-XL-2-256x256.pt, or a .pt file written by train.py)" % (ckpt, ckpt_flag))
+    if vae:
+        check_vae_inputs(check, args)
+    check.done()
+
+
+def check_vae_inputs(check: InputCheck, args: argparse.Namespace) -> None:
+    """Record, in `check`, the problems of --image-size and the VAE folder; call it after the other checks: a
+    missing default VAE folder is named only beside other problems (alone, it is downloaded)."""
+    folder = vae_folder(args)
+    factor = 8  # the SD VAEs'; a local folder's config says otherwise
+    if _vae_is_present(folder):
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+        except (OSError, ValueError, TypeError) as exc:
+            check.problem("cannot read the VAE config in %s (%s): download config.json again" % (folder, exc))
+    check(latent_size_for, args.image_size, factor)
     if args.vae_path is not None and not _vae_is_present(folder):
         check.problem("--vae-path %s does not hold a diffusers VAE (config.json and diffusion_pytorch_model."
                       "safetensors): check the folder" % folder)
@@ -209,7 +222,6 @@ def check_inputs(check: InputCheck, args: argparse.Namespace, *, ckpt_flag: Opti
         check.problem("the VAE folder %s is missing: it is downloaded from %s/stabilityai/sd-vae-ft-%s when the "
                       "other problems are fixed (offline: put config.json and diffusion_pytorch_model.safetensors "
                       "there, or pass --vae-path)" % (os.path.abspath(folder), HF_HUB, args.vae))
-    check.done()
 
 
 def load_vae(args: argparse.Namespace) -> AutoencoderKL:
@@ -309,8 +321,10 @@ RUN_FLAGS_FILE = "args.json"
 def run_flags(args: argparse.Namespace) -> Dict[str, object]:
     """The run-defining flags of args (paths made absolute), as written to a run folder's args.json."""
     flags = {k: getattr(args, k, None) for k in RUN_DEFINING_FLAGS}
-    for k in ("data_path", "vae_path"):
-        if flags[k]:
+    if getattr(args, "feature_path", None):  # absent otherwise, so runs from before the flag still continue
+        flags["feature_path"] = args.feature_path
+    for k in ("data_path", "vae_path", "feature_path"):
+        if flags.get(k):
             flags[k] = os.path.abspath(flags[k])
     return flags
 
@@ -366,8 +380,8 @@ def experiment_dir_for(args: argparse.Namespace, resume_steps: int, resume: Opti
 def save_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW, args: argparse.Namespace) -> None:
     """Write {"model", "ema", "opt", "args"} (the reference's layout) atomically in torch's zip format."""
     state = {
-        "model": gd_checkpoint.module_state_dict(model),
-        "ema": gd_checkpoint.module_state_dict(ema),
+        "model": gd_state_dicts.module_state_dict(model),
+        "ema": gd_state_dicts.module_state_dict(ema),
         "opt": opt.state_dict(),
         "args": args,
     }
@@ -397,7 +411,7 @@ def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW) -> int
     if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in ("model", "ema", "opt")):
         raise CheckpointError("--resume %s is not a train.py checkpoint (it needs the keys model, ema, opt); "
                               "to start from released weights use sample.py's --ckpt instead" % path)
-    gd_checkpoint.load_state_dict_strict(model, ckpt["model"], source="--resume %s (model)" % path)
-    gd_checkpoint.load_state_dict_strict(ema, ckpt["ema"], source="--resume %s (ema)" % path)
+    gd_state_dicts.load_state_dict_strict(model, ckpt["model"], source="--resume %s (model)" % path)
+    gd_state_dicts.load_state_dict_strict(ema, ckpt["ema"], source="--resume %s (ema)" % path)
     opt.load_state_dict(ckpt["opt"], source="--resume %s (opt)" % path)
     return int(opt.n_step)

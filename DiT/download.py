@@ -7,12 +7,17 @@ The released checkpoints are raw state dicts fetched from https://dl.fbaipublicf
 """
 
 import os
+import sys
 from typing import Any, Dict
 
-import guided_diffusion  # noqa: F401  (prepares Jittor's environment)
-from guided_diffusion.checkpoint import load_file
-from guided_diffusion.download import download_file
-from guided_diffusion.errors import CheckpointError
+if __name__ == "__main__":  # run as an entry script: DiT's folder, then the repository root, as in sample.py
+    DIT_DIR = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [DIT_DIR, os.path.dirname(DIT_DIR)]
+
+import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment)
+from guided_diffusion.checkpoint import load_file  # noqa: E402
+from guided_diffusion.download import download_file  # noqa: E402
+from guided_diffusion.errors import CheckpointError  # noqa: E402
 
 pretrained_models = {"DiT-XL-2-512x512.pt", "DiT-XL-2-256x256.pt"}
 URL_BASE = "https://dl.fbaipublicfiles.com/DiT/models/"

@@ -248,8 +248,10 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        use_checkpoint: bool = False,
     ):
         self.learn_sigma = learn_sigma
+        self.use_checkpoint = use_checkpoint  # recompute each block in the backward pass (less memory)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -310,7 +312,7 @@ class DiT(nn.Module):
         y = self.y_embedder(y, self.is_training())
         c = t + y
         for block in self.blocks:
-            x = block(x, c)
+            x = gd_nn.checkpoint(block, (x, c), block.parameters(), self.use_checkpoint)
         x = self.final_layer(x, c)
         return self.unpatchify(x)
 

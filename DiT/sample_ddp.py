@@ -12,7 +12,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # DiT's own modules, from any working directory
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory; DiT's put their own folder before it, for DiT's modules (models, diffusion, ...).
+DIT_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [DIT_DIR, os.path.dirname(DIT_DIR)]
 
 import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment before Jittor is imported)
 import jittor as jt  # noqa: E402
@@ -20,7 +23,8 @@ import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
-from guided_diffusion.sampling import check_count, generate_samples, run_diffusion, seed_batch  # noqa: E402
+from guided_diffusion.model_loading import check_count  # noqa: E402
+from guided_diffusion.sampling import generate_samples, run_diffusion, seed_batch  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402

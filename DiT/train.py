@@ -4,7 +4,8 @@ A minimal training script for DiT (DiT ``train.py``), in Jittor, runnable on one
 Images from an ImageFolder-style tree (one sub-folder per class) are centre-cropped, randomly flipped, encoded by
 the VAE into latents (a posterior sample x 0.18215), and the DiT learns them with the diffusion loss (AdamW, lr
 1e-4, no weight decay, EMA 0.9999). Checkpoints {"model", "ema", "opt", "args"} are written every --ckpt-every
-steps; --resume continues a run from one of them exactly where it stopped.
+steps; --resume continues a run from one of them exactly where it stopped. --feature-path trains from the VAE
+posteriors stored by extract_features.py instead (no VAE is run; the same data order, flips and noise).
 """
 
 import argparse
@@ -12,7 +13,10 @@ import os
 import sys
 from time import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # DiT's own modules, from any working directory
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory; DiT's put their own folder before it, for DiT's modules (models, diffusion, ...).
+DIT_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [DIT_DIR, os.path.dirname(DIT_DIR)]
 
 import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment before Jittor is imported)
 import jittor as jt  # noqa: E402
@@ -20,12 +24,13 @@ import numpy as np  # noqa: E402
 
 from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
-from guided_diffusion.image_datasets import BatchIterator, ImageDataset  # noqa: E402
+from guided_diffusion.image_datasets import BatchIterator  # noqa: E402
 from guided_diffusion.nn import update_ema  # noqa: E402
 from guided_diffusion.run_guard import RunGuard  # noqa: E402
 from guided_diffusion.train_util import AdamW, seed_training_step, seeded_initialisation  # noqa: E402
 
 import dit_util  # noqa: E402
+import features  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
 
@@ -33,8 +38,10 @@ from models import DiT_models  # noqa: E402
 def create_argparser() -> argparse.ArgumentParser:
     """The reference's flags (with --batch-size as an alias of --global-batch-size), --vae-path and --resume."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-path", type=str, required=True,
+    parser.add_argument("--data-path", type=str, default=None,
                         help="training images, one sub-folder per class (e.g. ImageNet's train folder)")
+    parser.add_argument("--feature-path", type=str, default=None,
+                        help="train from the features extract_features.py stored (instead of --data-path; no VAE)")
     parser.add_argument("--results-dir", type=str, default="results",
                         help="each run gets a new NNN-model folder here (log.txt, checkpoints/)")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2",
@@ -54,6 +61,8 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt-every", type=int, default=50_000, help="write a checkpoint every this many steps")
     parser.add_argument("--resume", type=str, default=None,
                         help="continue from a checkpoint written by this script (.../checkpoints/XXXXXXX.pt)")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="recompute each DiT block in the backward pass: less memory, more time, same result")
     dit_util.add_model_override_flags(parser)
     return parser
 
@@ -71,12 +80,15 @@ def main() -> None:
     if args.resume and not os.path.isfile(args.resume):
         check.problem("--resume %s: file not found; give a checkpoint written by train.py "
                       "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
-    listing = check(dit_util.list_image_folder, args.data_path)
-    dit_util.check_inputs(check, args)
+    if (args.data_path is None) == (args.feature_path is None):
+        check.problem("give either --data-path (images) or --feature-path (features from extract_features.py)")
+    elif args.feature_path:
+        features.check_feature_inputs(check, args)
+    listing = check(dit_util.list_image_folder, args.data_path) if args.data_path else None
+    dit_util.check_inputs(check, args, vae=not args.feature_path)
     resume = args.resume or dit_util.find_run_to_continue(args)  # rerunning a command continues its run
 
-    vae = dit_util.load_vae(args)
-    latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
+    dataset, latent_size, to_latents, num_classes = features.training_data(args, listing)
     with seeded_initialisation(args.global_seed):
         model = dit_util.build_model(args, latent_size)
         ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
@@ -85,9 +97,7 @@ def main() -> None:
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear noise schedule
 
-    files, labels, classes = listing
     # DistributedSampler's order: one permutation of the whole dataset per epoch, rank r takes every world-th image
-    dataset = ImageDataset(args.image_size, files, classes=labels, random_flip=True)
     loader = BatchIterator(dataset, args.global_batch_size // world, shuffle=True, seed=args.global_seed,
                            rank=rank, world_size=world)
 
@@ -101,7 +111,8 @@ def main() -> None:
         logger.info("Resumed from %s at step %d%s" % (resume, train_steps, "" if args.resume else
                     " (the newest checkpoint of this command's run; pass --resume to choose another)"))
     logger.info("DiT Parameters: {:,}".format(sum(p.numel() for p in model.parameters())))
-    logger.info("Dataset contains {:,} images ({}) in {} classes".format(len(files), args.data_path, len(classes)))
+    logger.info("Dataset contains {:,} images ({}) in {} classes".format(
+        len(dataset), args.feature_path or args.data_path, num_classes))
 
     model.train()  # important! This enables embedding dropout for classifier-free guidance
     ema.eval()  # EMA model should always be in eval mode
@@ -118,7 +129,8 @@ def main() -> None:
                 logger.info("Beginning epoch %d..." % logged_epoch)
             images, cond = next(loader)
             seed_training_step(args.global_seed, train_steps)
-            x = dit_util.encode_latents(vae, jt.array(images))
+            x = to_latents(images)  # the step's first random draw: a sample of the VAE posterior
+            x.sync()  # drawn before t and the noise on either path (Jittor draws when an op executes)
             y = jt.array(cond["y"].astype(np.int32))
             t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
             loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()

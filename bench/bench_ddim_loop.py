@@ -4,7 +4,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/, then the repository root
 from timing import emit, measure  # noqa: E402
 
 import jittor as jt  # noqa: E402

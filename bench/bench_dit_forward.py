@@ -5,7 +5,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/, then the repository root
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "DiT"))
 from timing import emit, measure  # noqa: E402
 

@@ -23,16 +23,21 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/, then the repository root
 from timing import emit  # noqa: E402
 
 import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from guided_diffusion import digits, guidance, script_util  # noqa: E402
+from guided_diffusion import guidance, script_util  # noqa: E402
 from guided_diffusion import gaussian_diffusion as gd  # noqa: E402
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict  # noqa: E402
+from guided_diffusion.checkpoint import load_file  # noqa: E402
+from guided_diffusion.state_dicts import load_state_dict_strict  # noqa: E402
 from guided_diffusion.dpm_solver import GaussianDataModel  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo"))
+import digits  # noqa: E402  (scripts/demo/digits.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = {"ddim": 1, "2M": 2, "3M": 3}

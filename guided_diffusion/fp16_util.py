@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import cpu, logger  # noqa: E402
+from .state_dicts import module_state_dict  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 
 INITIAL_LOG_LOSS_SCALE = 20.0
@@ -119,8 +120,6 @@ def master_params_to_state_dict(model: jt.Module, param_groups_and_shapes: Optio
 
     Only numpy work happens here, so it is safe inside a rank-0-only block under MPI.
     """
-    from .checkpoint import module_state_dict
-
     state_dict = module_state_dict(model)
     if use_fp16:
         for master_param, (param_group, _) in zip(master_params, param_groups_and_shapes):

@@ -24,7 +24,7 @@ import jittor as jt
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, checkpoint_sets, cpu, dist_util, logger, seeding
+from . import checkpoint_sets, cpu, dist_util, logger, seeding, state_dicts
 from .errors import CheckpointError, InputCheck, UserError
 from .fp16_util import MixedPrecisionTrainer, sums_of_squares
 from .nn import update_ema
@@ -651,7 +651,7 @@ def load_resume_checkpoint(model, resume_checkpoint: str, log_step: bool = False
     resume_step = parse_resume_step_from_filename(resume_checkpoint)
     logger.log(f"loading model from checkpoint: {resume_checkpoint}..."
                + (f" at {resume_step} step" if log_step else ""))
-    checkpoint.load_state_dict_strict(
+    state_dicts.load_state_dict_strict(
         model, dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev()), source=resume_checkpoint
     )
     return resume_step
@@ -732,52 +732,22 @@ def log_loss_dict(diffusion, ts, losses: Mapping[str, Any]) -> None:
             logger.logkv_mean(f"{key}_q{quartile}", float(sub_loss))
 
 
-def set_flag_help(parser, helps: Mapping[str, str]) -> None:
-    """Attach --help text to flags added by script_util.add_dict_to_argparser (which adds none)."""
-    for action in parser._actions:
-        if action.dest in helps:
-            default = action.default
-            action.help = "%s (default: %r)" % (helps[action.dest], default)
+#: The flags of the ADM training scripts that TrainLoop and ClassifierTrainLoop take under the same name.
+TRAIN_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
+                    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "seed")
+CLASSIFIER_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "anneal_lr", "iterations", "noised",
+                         "resume_checkpoint", "log_interval", "eval_interval", "save_interval", "seed")
 
 
-TRAIN_FLAG_HELP = {
-    "data_dir": "folder of training images (searched recursively; class = file-name prefix before '_')",
-    "schedule_sampler": "how training timesteps are drawn: uniform or loss-second-moment",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW decoupled weight decay (applies to every parameter)",
-    "lr_anneal_steps": "train this many steps with the learning rate decaying linearly to 0 (0: forever, constant)",
-    "batch_size": "images per step per MPI rank",
-    "microbatch": "split each batch into chunks of this size (gradients are summed); -1: no split",
-    "ema_rate": "comma-separated EMA rates; each writes ema_<rate>_NNNNNN.pt",
-    "log_interval": "dump the logged values every this many steps",
-    "save_interval": "write model/ema/opt checkpoints every this many steps",
-    "resume_checkpoint": "modelNNNNNN.pt to resume from (its EMA and opt files beside it are used too)",
-    "random_flip": "mirror half of the training images horizontally (the reference always does; turn it off for "
-                   "data such as digits, where a mirrored image is another class)",
-    "seed": "seed of the initial weights, data order, augmentations, noise and timesteps (the same command, seed and "
-            "number of MPI ranks give the same run; a resumed run continues the same streams)",
-    "use_fp16": "mixed precision with dynamic loss scaling (CUDA only; on the CPU the model stays float32)",
-    "fp16_scale_growth": "log2 loss-scale growth per successful fp16 step",
-    "image_size": "training image size (images are resized and centre-cropped)",
-    "num_channels": "base channel count of the UNet",
-    "num_res_blocks": "residual blocks per resolution",
-    "num_heads": "attention heads (when num_head_channels is -1)",
-    "num_heads_upsample": "attention heads in the decoder (-1: same as num_heads)",
-    "num_head_channels": "channels per attention head (-1: use num_heads)",
-    "attention_resolutions": "comma-separated downsampling rates (image_size / resolution) with attention",
-    "channel_mult": "comma-separated channel multipliers per resolution ('': by image size)",
-    "dropout": "dropout rate in the residual blocks",
-    "class_cond": "class-conditional model (labels from file names)",
-    "use_checkpoint": "gradient checkpointing: recompute activations in the backward pass to save memory",
-    "use_scale_shift_norm": "FiLM-like conditioning of the residual blocks on the timestep",
-    "resblock_updown": "residual blocks for up/downsampling",
-    "use_new_attention_order": "split qkv before heads (the 'new' attention order)",
-    "learn_sigma": "also learn the variance (6 output channels)",
-    "diffusion_steps": "number of diffusion steps T",
-    "noise_schedule": "beta schedule: linear or cosine",
-    "timestep_respacing": "respacing of the diffusion steps (usually '' for training)",
-    "use_kl": "train with the variational bound (KL) loss",
-    "predict_xstart": "predict x_0 instead of the noise",
-    "rescale_timesteps": "feed timesteps scaled to 0..1000 to the model",
-    "rescale_learned_sigmas": "use the hybrid loss with the rescaled vb term",
-}
+def train_loop_from_args(args, model, diffusion, data, schedule_sampler=None) -> TrainLoop:
+    """The TrainLoop of the ADM training scripts (image_train, free_train, super_res_train) from their flags."""
+    flags = {name: getattr(args, name) for name in TRAIN_LOOP_FLAGS}
+    return TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **flags)
+
+
+def classifier_train_loop_from_args(args, model, diffusion, data, val_data=None,
+                                    schedule_sampler=None) -> ClassifierTrainLoop:
+    """The ClassifierTrainLoop of classifier_train.py from its flags (--classifier_use_fp16 is its use_fp16)."""
+    flags = {name: getattr(args, name) for name in CLASSIFIER_LOOP_FLAGS}
+    return ClassifierTrainLoop(model=model, diffusion=diffusion, data=data, val_data=val_data,
+                               schedule_sampler=schedule_sampler, use_fp16=args.classifier_use_fp16, **flags)

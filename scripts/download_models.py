@@ -7,19 +7,25 @@ folder. Files already present are kept. Example:
 """
 
 import argparse
+import os
+import sys
 
-from guided_diffusion import sampling
-from guided_diffusion.errors import run_cli
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import download  # noqa: E402
+from guided_diffusion.errors import run_cli  # noqa: E402
 
 
 def main():
     args = create_argparser().parse_args()
     if args.list or not args.names:
-        print("\n".join(sampling.released_checkpoint_summary()))
+        print("\n".join(download.released_checkpoint_summary()))
         if not args.list:
             print("\ngive one or more names (or `all`) to download them into %s" % args.models_dir)
         return
-    for path in sampling.download_released_checkpoints(args.names, args.models_dir):
+    for path in download.download_released_checkpoints(args.names, args.models_dir):
         print(path)
 
 

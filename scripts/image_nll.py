@@ -3,11 +3,19 @@ Approximate the bits/dimension for an image model.
 """
 
 import argparse
+import os
+import sys
 
-from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import InputCheck, run_cli
-from guided_diffusion.image_datasets import check_data_dir, load_data
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
+from guided_diffusion.bpd_evaluation import run_bpd_evaluation  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
+from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
+from guided_diffusion.image_datasets import check_data_dir, load_data  # noqa: E402
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults  # noqa: E402
 
 
 def main():
@@ -15,7 +23,7 @@ def main():
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
     check(check_data_dir, args.data_dir)
-    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
     check.done()
 
     dist_util.setup_dist()
@@ -23,7 +31,7 @@ def main():
 
     logger.log("creating model and diffusion...")
     # Like the reference, the model is evaluated without the fp16 conversion (use_fp16 is not applied).
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = model_loading.load_model_and_diffusion(
         args, model_and_diffusion_defaults().keys(), model_path=args.model_path, use_fp16=False
     )
 
@@ -39,7 +47,7 @@ def main():
     sampling.seed_batch(args.seed, 0)
 
     logger.log("evaluating...")
-    sampling.run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised)
+    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised)
     logger.log("evaluation complete")
 
 
@@ -48,7 +56,7 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    sampling.document_flags(parser, {
+    attach_flag_help(parser, {
         "num_samples": "number of dataset images to evaluate (rounded up to whole batches)",
         "batch_size": "images per batch (per MPI rank)",
         "seed": "seed of the noise drawn at every timestep (the reference does not seed)",

@@ -4,27 +4,34 @@ produce samples for FID evaluation.
 """
 
 import argparse
+import os
+import sys
 
-from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import InputCheck, run_cli
-from guided_diffusion.script_util import NUM_CLASSES, add_dict_to_argparser, model_and_diffusion_defaults
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
+from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
+from guided_diffusion.script_util import NUM_CLASSES, add_dict_to_argparser, model_and_diffusion_defaults  # noqa: E402
 
 
 def main():
     args = create_argparser().parse_args()
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
-    fixed = check(sampling.parse_class_labels, args.class_labels, NUM_CLASSES)
+    fixed = check(model_loading.parse_class_labels, args.class_labels, NUM_CLASSES)
     if fixed and not args.class_cond:
         check.problem("--class_labels needs a class-conditional model: add --class_cond True")
-    check(sampling.require_file, args.model_path, what="diffusion model", flag="--model_path")
+    check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
     check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model and diffusion...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = model_loading.load_model_and_diffusion(
         args, model_and_diffusion_defaults().keys(), model_path=args.model_path
     )
 
@@ -55,7 +62,7 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    sampling.document_flags(parser)
+    attach_flag_help(parser)
     return parser
 
 

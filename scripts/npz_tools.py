@@ -11,34 +11,39 @@ Large files are streamed: the whole array is never loaded.
 """
 
 import argparse
+import os
+import sys
 
 import numpy as np
 
-from guided_diffusion import sampling
-from guided_diffusion.errors import UserError, run_cli
-from guided_diffusion.script_util import str2bool
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import npz_tools  # noqa: E402
+from guided_diffusion.errors import UserError, run_cli  # noqa: E402
+from guided_diffusion.image_grid import save_image_grid  # noqa: E402
+from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
 def main():
     args = create_argparser().parse_args()
     if args.command == "info":
-        print(sampling.npz_summary(_existing(args.npz)))
+        print(npz_tools.npz_summary(_existing(args.npz)))
     elif args.command == "export":
-        n = sampling.export_npz_images(_existing(args.npz), args.out_dir, limit=args.limit, grid=args.grid)
+        n = npz_tools.export_npz_images(_existing(args.npz), args.out_dir, limit=args.limit, grid=args.grid)
         print("wrote %d images to %s" % (n, args.out_dir))
     elif args.command == "grid":
-        images = np.concatenate(list(sampling.iter_npz_images(_existing(args.npz), limit=args.count)))
-        sampling.save_image_grid(images, args.out, nrow=args.nrow)
+        images = np.concatenate(list(npz_tools.iter_npz_images(_existing(args.npz), limit=args.count)))
+        save_image_grid(images, args.out, nrow=args.nrow)
         print("wrote a grid of %d images to %s" % (len(images), args.out))
     elif args.command == "pack":
-        shape = sampling.pack_images_to_npz(args.image_dir, args.out, image_size=args.image_size,
-                                            with_labels=args.labels)
+        shape = npz_tools.pack_images_to_npz(args.image_dir, args.out, image_size=args.image_size,
+                                             with_labels=args.labels)
         print("wrote %s images to %s" % ("x".join(str(s) for s in shape), args.out))
 
 
 def _existing(path):
-    import os
-
     if not os.path.isfile(path):
         raise UserError("%s: file not found" % path)
     return path

@@ -4,10 +4,18 @@ from image_sample.py.
 """
 
 import argparse
+import os
+import sys
 
-from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.errors import InputCheck, run_cli
-from guided_diffusion.script_util import (
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
+from guided_diffusion.base_samples import BaseSamples  # noqa: E402
+from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
+from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
@@ -18,15 +26,15 @@ def main():
     args = create_argparser().parse_args()
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
-    base = check(sampling.BaseSamples, args.base_samples, args.small_size, args.class_cond)
-    check(sampling.require_file, args.model_path, what="super-resolution model", flag="--model_path")
+    base = check(BaseSamples, args.base_samples, args.small_size, args.class_cond)
+    check(model_loading.require_file, args.model_path, what="super-resolution model", flag="--model_path")
     check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
     logger.log("creating model...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = model_loading.load_model_and_diffusion(
         args, sr_model_and_diffusion_defaults().keys(), model_path=args.model_path,
         factory=sr_create_model_and_diffusion,
     )
@@ -58,7 +66,7 @@ def create_argparser():
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    sampling.document_flags(parser, {
+    attach_flag_help(parser, {
         "use_ddim": "sample with DDIM instead of DDPM (the reference script ignores this flag and always uses "
                     "DDPM; here it is honoured)",
         "model_path": "super-resolution checkpoint (.pt), e.g. models/64_256_upsampler.pt",

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+# Entry scripts outside the repository root put the root first on sys.path, so they run from any working
+# directory (root scripts have it already: Python puts a script's own folder first).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
@@ -18,18 +20,11 @@ from guided_diffusion.script_util import (  # noqa: E402
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
+from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help  # noqa: E402
 from guided_diffusion.train_util import (  # noqa: E402
-    TRAIN_FLAG_HELP,
-    TrainLoop,
     check_training_flags,
     seeded_initialisation,
-    set_flag_help,
-)
-
-SR_FLAG_HELP = dict(
-    TRAIN_FLAG_HELP,
-    large_size="output (training image) size",
-    small_size="size of the low-resolution conditioning image",
+    train_loop_from_args,
 )
 
 
@@ -64,24 +59,7 @@ def main() -> None:
     )
 
     logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        seed=args.seed,
-    ).run_loop()
+    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, random_flip=True, seed=0):
@@ -124,7 +102,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)
-    set_flag_help(parser, SR_FLAG_HELP)
+    attach_flag_help(parser, TRAINING_FLAG_HELP)
     return parser
 
 

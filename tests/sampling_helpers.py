@@ -68,11 +68,11 @@ def no_samples_npz(logdir) -> bool:
 
 def save_tiny_classifier(path: str, seed: int = 0) -> None:
     """A 64x64 classifier built from CLASSIFIER_FLAGS with seeded random weights, saved as a torch .pt file."""
-    from guided_diffusion import checkpoint, script_util
+    from guided_diffusion import checkpoint, script_util, state_dicts
 
     kw = script_util.classifier_defaults()
     kw.update(image_size=64, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
-    state = checkpoint.module_state_dict(script_util.create_classifier(**kw))
+    state = state_dicts.module_state_dict(script_util.create_classifier(**kw))
     rng = np.random.RandomState(seed)
     for k, v in state.items():  # perturb the zero-initialised layers too, so every block carries signal
         state[k] = (v + rng.randn(*v.shape) * 0.05).astype(np.float32)
@@ -84,12 +84,12 @@ def classifier_log_probs(classifier_path: str, images: np.ndarray, labels: np.nd
     """log p(y|x) of uint8 NHWC images under the tiny classifier at t = 0."""
     import jittor as jt
 
-    from guided_diffusion import checkpoint, script_util
+    from guided_diffusion import checkpoint, script_util, state_dicts
 
     kw = script_util.classifier_defaults()
     kw.update(image_size=64, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8")
     clf = script_util.create_classifier(**kw)
-    checkpoint.load_state_dict_strict(clf, checkpoint.load_file(classifier_path))
+    state_dicts.load_state_dict_strict(clf, checkpoint.load_file(classifier_path))
     clf.eval()
     x = jt.array(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)
     with jt.no_grad():

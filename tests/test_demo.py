@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
-from guided_diffusion import digits, script_util
+from guided_diffusion import script_util
 from guided_diffusion.checkpoint import load_file, save_file
 from guided_diffusion.errors import DataError
 from guided_diffusion.image_datasets import load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(ROOT, "scripts", "demo")
+sys.path.insert(0, DEMO_DIR)
+import digits  # noqa: E402  (scripts/demo/digits.py)
 DIGITS_NPZ = os.path.join(DEMO_DIR, "mnist_5k.npz")
 PYTHON = sys.executable
 # One OpenMP thread per process: on a shared CPU, spinning OpenMP threads make Jittor many times slower.
@@ -108,28 +110,49 @@ def test_null_label_model_always_passes_the_null_label():
     assert seen["y"].tolist() == [10, 10, 10]
 
 
-def test_demo_writes_npz_files_grids_and_the_accuracy_lines(tmp_path):
+def test_demo_writes_npz_files_grids_and_the_figures_of_every_run(tmp_path):
     out = tmp_path / "demo"
     cmd = [PYTHON, os.path.join(ROOT, "scripts", "demo.py"), "--out_dir", str(out), "--num_per_class", "1",
-           "--timestep_respacing", "ddim2"]
+           "--timestep_respacing", "ddim2", "--fast_respacing", "logsnr2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("unguided", "conditional", "cfg", "classifier"):
-        npz = out / name / "samples_10x32x32x3.npz"
-        with np.load(npz) as data:
-            assert data["arr_0"].shape == (10, 32, 32, 3) and data["arr_0"].dtype == np.uint8
-            assert data["arr_1"].tolist() == list(range(10))
-        assert str(npz) in proc.stdout
-        grid = out / ("grid_%s.png" % name)
-        assert str(grid) in proc.stdout
-        from PIL import Image
+        for suffix in ("", "-dpm++2m-logsnr2"):
+            npz = out / (name + suffix) / "samples_10x32x32x3.npz"
+            with np.load(npz) as data:
+                assert data["arr_0"].shape == (10, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+                assert data["arr_1"].tolist() == list(range(10))
+            grid = out / ("grid_%s%s.png" % (name, suffix))
+            assert str(npz) in proc.stdout and str(grid) in proc.stdout
+            from PIL import Image
 
-        with Image.open(grid) as im:
-            assert im.size == (2 + 1 * 34, 2 + 10 * 34)  # one column, one row per digit
-    accuracies = re.findall(r"^  accuracy (.+?):\s+([01]\.\d\d) \((\d+)/10\)$", proc.stdout, flags=re.M)
-    assert [a[0].split(" ")[0] for a in accuracies] == ["unguided", "conditional,", "classifier-free", "classifier"]
-    for _, frac, count in accuracies:
-        assert abs(float(frac) - int(count) / 10) < 1e-9
+            with Image.open(grid) as im:
+                assert im.size == (2 + 1 * 34, 2 + 10 * 34)  # one column, one row per digit
+    report = proc.stdout[proc.stdout.index("\nddim ddim2:"):]
+    sections = re.split(r"^(ddim ddim2|dpm\+\+2m logsnr2):$", report, flags=re.M)
+    assert sections[1::2] == ["ddim ddim2", "dpm++2m logsnr2"]
+    for sampler, body in zip(sections[1::2], sections[2::2]):
+        suffix = "" if sampler.startswith("ddim") else "-dpm++2m-logsnr2"
+        rows = re.findall(r"^  accuracy (.+?):\s+([01]\.\d\d) \((\d+)/10\)  spread\s+([\d.]+)  border\s+([\d.]+)$",
+                          body, flags=re.M)
+        assert [r[0].split(" ")[0] for r in rows] == ["unguided", "conditional,", "classifier-free", "classifier"]
+        for (_, frac, count, spread, border), name in zip(rows, ("unguided", "conditional", "cfg", "classifier")):
+            assert abs(float(frac) - int(count) / 10) < 1e-9
+            with np.load(out / (name + suffix) / "samples_10x32x32x3.npz") as data:  # the printed figures are these
+                assert float(spread) == pytest.approx(digits.colour_spread(data["arr_0"]), abs=0.051)
+                assert float(border) == pytest.approx(digits.border_mean(data["arr_0"]), abs=0.051)
+
+
+def test_colour_spread_and_border_mean_of_gray_digits_on_black_are_zero():
+    gray = digits.pad_to_rgb(np.full((2, 28, 28), 200, np.uint8))  # 28x28 digits padded to 32x32: frame of 2 black
+    assert digits.colour_spread(gray) == 0.0
+    assert digits.border_mean(gray, width=2) == 0.0 and digits.border_mean(gray, width=3) > 0
+    coloured = gray.copy()
+    coloured[..., 0] = 255
+    assert digits.colour_spread(coloured) == pytest.approx((55 * 28 * 28 + 255 * (32 * 32 - 28 * 28)) / (2 * 32 * 32))
+    frame = np.zeros((1, 8, 8, 3), np.uint8)
+    frame[:, 0] = 90  # the top row of a 1-px frame of 28 pixels
+    assert digits.border_mean(frame, width=1) == pytest.approx(90 * 8 / 28)
 
 
 def test_demo_with_a_missing_checkpoint_exits_with_the_fix(tmp_path):

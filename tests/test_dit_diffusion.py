@@ -11,7 +11,8 @@ import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
 import jittor as jt
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "DiT"))

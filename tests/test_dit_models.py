@@ -10,7 +10,8 @@ import pytest
 import guided_diffusion  # noqa: F401  (prepares Jittor before it is imported)
 import jittor as jt
 
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 from guided_diffusion.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

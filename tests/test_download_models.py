@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-import guided_diffusion  # noqa: F401
-from guided_diffusion import download, sampling
+from guided_diffusion import download
 from guided_diffusion.errors import UserError
 from sampling_helpers import assert_user_error, run_script
 
@@ -20,7 +19,7 @@ def test_names_map_to_the_released_urls_and_the_models_dir(tmp_path, monkeypatch
         return dest
 
     monkeypatch.setattr(download, "download_file", fake_download)
-    paths = sampling.download_released_checkpoints(["256x256_diffusion", "256x256_classifier.pt",
+    paths = download.download_released_checkpoints(["256x256_diffusion", "256x256_classifier.pt",
                                                     "256x256_diffusion"], str(tmp_path))
     base = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
     assert [c[0] for c in calls] == [base + "256x256_diffusion.pt", base + "256x256_classifier.pt"]
@@ -30,13 +29,13 @@ def test_names_map_to_the_released_urls_and_the_models_dir(tmp_path, monkeypatch
 
 def test_all_downloads_every_released_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "download_file", lambda url, dest, **kw: dest)
-    paths = sampling.download_released_checkpoints(["all"], str(tmp_path))
+    paths = download.download_released_checkpoints(["all"], str(tmp_path))
     assert len(paths) == 15 and str(tmp_path / "64_256_upsampler.pt") in paths
 
 
 def test_unknown_name_lists_the_released_ones(tmp_path):
     with pytest.raises(UserError, match="256x256_diffusion_uncond"):
-        sampling.download_released_checkpoints(["256x256_difusion"], str(tmp_path))
+        download.download_released_checkpoints(["256x256_difusion"], str(tmp_path))
 
 
 def test_script_keeps_files_already_present(tmp_path):

@@ -9,7 +9,7 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from guided_diffusion import checkpoint, script_util
+from guided_diffusion import checkpoint, script_util, state_dicts
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.dpm_solver import GaussianDataModel, multistep_weights, solver_orders
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
@@ -49,7 +49,7 @@ def unet():
     with open(os.path.join(FIXTURES, "guided_diffusion", "unet64_cond_flags.json")) as f:
         flags = json.load(f)
     model, _ = script_util.create_model_and_diffusion(**flags)
-    checkpoint.load_state_dict_strict(
+    state_dicts.load_state_dict_strict(
         model, checkpoint.load_file(os.path.join(FIXTURES, "guided_diffusion", "unet64_cond.pt")))
     model.eval()
     return model

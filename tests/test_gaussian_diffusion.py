@@ -12,7 +12,7 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from guided_diffusion import checkpoint
+from guided_diffusion import checkpoint, state_dicts
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion import script_util
 from guided_diffusion.errors import UserError
@@ -502,7 +502,7 @@ def unet_setup():
     with open(os.path.join(FIXTURES, "unet64_cond_flags.json")) as f:
         flags = json.load(f)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
-    checkpoint.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
+    state_dicts.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
     model.eval()
     spaced = script_util.create_gaussian_diffusion(
         steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],

@@ -9,7 +9,7 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from guided_diffusion import checkpoint, script_util
+from guided_diffusion import checkpoint, script_util, state_dicts
 from guided_diffusion.guidance import ClassifierFreeGuidance, classifier_cond_fn, guided_output
 from guided_diffusion.unet import EncoderUNetModel
 
@@ -128,7 +128,7 @@ def guided_setup():
     ref = np.load(os.path.join(FIXTURES, "diffusion_unet64_cond.npz"))
     with open(os.path.join(FIXTURES, "classifier64_attention_kwargs.json")) as f:
         classifier = EncoderUNetModel(**json.load(f))
-    checkpoint.load_state_dict_strict(
+    state_dicts.load_state_dict_strict(
         classifier, checkpoint.load_file(os.path.join(FIXTURES, "classifier64_attention.pt"))
     )
     classifier.eval()
@@ -159,7 +159,7 @@ def test_classifier_guided_ddim10_sample_matches_reference(guided_setup):
     with open(os.path.join(FIXTURES, "unet64_cond_flags.json")) as f:
         flags = json.load(f)
     model, _ = script_util.create_model_and_diffusion(**flags)
-    checkpoint.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
+    state_dicts.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
     model.eval()
 
     def model_fn(x, t, y=None):  # as in classifier_sample.py

@@ -9,8 +9,7 @@ import time
 import numpy as np
 import pytest
 
-import guided_diffusion  # noqa: F401  (prepares Jittor's environment)
-from guided_diffusion import sampling
+from guided_diffusion import model_loading, sampling
 from sampling_helpers import (
     REPO,
     UNET,
@@ -61,7 +60,7 @@ def fixture_model():
     args = _parse(_args())
     from guided_diffusion.script_util import model_and_diffusion_defaults
 
-    return sampling.load_model_and_diffusion(args, model_and_diffusion_defaults().keys(), model_path=UNET)
+    return model_loading.load_model_and_diffusion(args, model_and_diffusion_defaults().keys(), model_path=UNET)
 
 
 def _sample(model_fn, diffusion, use_ddim):
@@ -153,8 +152,8 @@ def test_image_sample_runs_dpm_solver_on_a_log_snr_grid_and_matches_the_package_
     parsed = _parse(args)
     from guided_diffusion.script_util import model_and_diffusion_defaults
 
-    model, diffusion = sampling.load_model_and_diffusion(parsed, model_and_diffusion_defaults().keys(),
-                                                         model_path=UNET)
+    model, diffusion = model_loading.load_model_and_diffusion(parsed, model_and_diffusion_defaults().keys(),
+                                                              model_path=UNET)
     assert diffusion.num_timesteps == 4 and max(diffusion.timestep_map) == 999
     fn = sampling.make_diffusion_sampler(diffusion, model, image_size=64, batch_size=2, seed=5, sampler="dpm++3m",
                                          num_classes=1000, fixed_labels=[3, 7, 11])

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from training_helpers import script_cmd, stop_and_continue, training_env
 

@@ -34,7 +34,7 @@ SR_FLAGS = ["--large_size", 64, "--small_size", 32, "--num_channels", 32, "--num
 
 def _save_sr_model(path: str) -> str:
     """A super-resolution model built from SR_FLAGS with seeded random weights."""
-    from guided_diffusion import checkpoint, script_util
+    from guided_diffusion import checkpoint, script_util, state_dicts
 
     kw = script_util.sr_model_and_diffusion_defaults()
     kw.update(large_size=64, small_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="8",
@@ -42,7 +42,7 @@ def _save_sr_model(path: str) -> str:
     model, _ = script_util.sr_create_model_and_diffusion(**kw)
     rng = np.random.RandomState(0)
     checkpoint.save_file({k: (v + rng.randn(*v.shape) * 0.02).astype(np.float32)
-                          for k, v in checkpoint.module_state_dict(model).items()}, path)
+                          for k, v in state_dicts.module_state_dict(model).items()}, path)
     return path
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import guided_diffusion  # noqa: F401
-from guided_diffusion import sampling
+from guided_diffusion import npz_tools
 from guided_diffusion.errors import UserError
 from sampling_helpers import assert_user_error, run_script
 
@@ -26,10 +25,10 @@ def samples(tmp_path):
 
 def test_iter_npz_images_streams_arr_0_in_chunks(samples):
     path, images, _ = samples
-    chunks = list(sampling.iter_npz_images(path, chunk=2))
+    chunks = list(npz_tools.iter_npz_images(path, chunk=2))
     assert [len(c) for c in chunks] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(chunks), images)
-    assert sum(len(c) for c in sampling.iter_npz_images(path, chunk=2, limit=3)) == 3
+    assert sum(len(c) for c in npz_tools.iter_npz_images(path, chunk=2, limit=3)) == 3
 
 
 def test_info_describes_arrays_and_labels(samples, tmp_path):
@@ -43,7 +42,7 @@ def test_info_describes_arrays_and_labels(samples, tmp_path):
 def test_export_writes_one_png_per_image_and_a_grid(samples, tmp_path):
     path, images, labels = samples
     out = tmp_path / "pngs"
-    assert sampling.export_npz_images(path, str(out), limit=4) == 4
+    assert npz_tools.export_npz_images(path, str(out), limit=4) == 4
     assert sorted(os.listdir(out)) == ["000000_class4.png", "000001_class1.png", "000002_class4.png",
                                        "000003_class2.png", "grid.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "000003_class2.png")), images[3])
@@ -66,7 +65,7 @@ def test_pack_builds_an_npz_with_labels_from_file_names(tmp_path):
         Image.fromarray(arr).save(folder / name)
         expected[name] = arr
     out = str(tmp_path / "packed.npz")
-    assert sampling.pack_images_to_npz(str(folder), out, with_labels=True) == (3, 6, 6, 3)
+    assert npz_tools.pack_images_to_npz(str(folder), out, with_labels=True) == (3, 6, 6, 3)
     with np.load(out) as data:
         np.testing.assert_array_equal(data["arr_0"][0], expected["cat_1.png"])  # sorted file order
         np.testing.assert_array_equal(data["arr_0"][2], expected["dog_1.png"])
@@ -79,9 +78,9 @@ def test_pack_needs_one_size_or_image_size(tmp_path):
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(folder / "a.png")
     Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(folder / "b.png")
     with pytest.raises(UserError, match="--image_size"):
-        sampling.pack_images_to_npz(str(folder), str(tmp_path / "x.npz"))
+        npz_tools.pack_images_to_npz(str(folder), str(tmp_path / "x.npz"))
     assert not (tmp_path / "x.npz").exists()
-    assert sampling.pack_images_to_npz(str(folder), str(tmp_path / "x.npz"), image_size=4) == (2, 4, 4, 3)
+    assert npz_tools.pack_images_to_npz(str(folder), str(tmp_path / "x.npz"), image_size=4) == (2, 4, 4, 3)
 
 
 def test_npz_tools_reports_missing_file(tmp_path):

@@ -7,7 +7,7 @@ import os
 import guided_diffusion  # noqa: F401  (prepares Jittor's environment before jittor is imported)
 import pytest
 
-from guided_diffusion import checkpoint
+from guided_diffusion import checkpoint, state_dicts
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion import script_util as su
 from guided_diffusion.errors import UserError
@@ -223,7 +223,7 @@ def test_create_model_and_diffusion_builds_the_fixture_model_that_loads_its_chec
     assert set(flags) == set(su.model_and_diffusion_defaults())
     model, diffusion = su.create_model_and_diffusion(**flags)
     assert isinstance(model, UNetModel) and isinstance(diffusion, SpacedDiffusion)
-    checkpoint.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
+    state_dicts.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
     assert model.num_classes == 1000
     assert diffusion.model_var_type == gd.ModelVarType.LEARNED_RANGE
 

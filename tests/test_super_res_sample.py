@@ -18,7 +18,7 @@ def sr_model(tmp_path_factory):
     """A model built by sr_create_model_and_diffusion from SR_FLAGS, with seeded random weights.
 
     (The fixture superres_32to64.pt uses channel_mult 1,2,2, which the sr flags cannot express.)"""
-    from guided_diffusion import checkpoint, script_util
+    from guided_diffusion import checkpoint, script_util, state_dicts
 
     kw = script_util.sr_model_and_diffusion_defaults()
     kw.update(large_size=64, small_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="8",
@@ -26,7 +26,7 @@ def sr_model(tmp_path_factory):
     model, _ = script_util.sr_create_model_and_diffusion(**kw)
     rng = np.random.RandomState(0)
     state = {k: (v + rng.randn(*v.shape) * 0.02).astype(np.float32)
-             for k, v in checkpoint.module_state_dict(model).items()}
+             for k, v in state_dicts.module_state_dict(model).items()}
     path = str(tmp_path_factory.mktemp("sr") / "sr.pt")
     checkpoint.save_file(state, path)
     return path

@@ -5,7 +5,8 @@ import signal
 
 import numpy as np
 
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from test_image_train import make_images, run_script
 from training_helpers import script_cmd, stop_and_continue, training_env

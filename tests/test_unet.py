@@ -12,7 +12,8 @@ import jittor as jt
 
 from guided_diffusion import cpu
 from guided_diffusion import unet
-from guided_diffusion.checkpoint import load_file, load_state_dict_strict
+from guided_diffusion.checkpoint import load_file
+from guided_diffusion.state_dicts import load_state_dict_strict
 from guided_diffusion.unet import (
     AttentionBlock,
     EncoderUNetModel,

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from guided_diffusion.digits import export_digits  # noqa: E402
+from digits import export_digits  # noqa: E402  (this folder's digits.py)
 from guided_diffusion.errors import run_cli  # noqa: E402
 
 

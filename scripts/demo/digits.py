@@ -4,13 +4,20 @@ class-prefixed image folder that the training scripts read with --data_dir, the 
 model (null label) into an unconditional model, and the "does the classifier see the requested digit" check.
 """
 
-import functools
 import os
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
+from PIL import Image
 
-from .errors import DataError
+import guided_diffusion  # noqa: F401  (prepares Jittor's environment before Jittor is imported)
+import jittor as jt
+
+from guided_diffusion import script_util
+from guided_diffusion.checkpoint import atomic_write, load_file, save_file
+from guided_diffusion.errors import DataError
+from guided_diffusion.image_grid import save_image_grid
+from guided_diffusion.model_loading import build_from_flags, load_weights
 
 #: Side of the exported images: MNIST's 28x28 digits are padded with black to the model size.
 DIGIT_IMAGE_SIZE = 32
@@ -55,10 +62,6 @@ def export_digits(npz_path: str, out_dir: str, size: int = DIGIT_IMAGE_SIZE) -> 
 
     Files already present with the right name are kept (a second export is cheap); each write is atomic.
     """
-    from PIL import Image
-
-    from .checkpoint import atomic_write
-
     images, labels = load_digits_npz(npz_path)
     rgb = pad_to_rgb(images, size)
     os.makedirs(out_dir, exist_ok=True)
@@ -83,8 +86,6 @@ class NullLabelModel:
         self.null_label = int(null_label)
 
     def __call__(self, x, t, y=None, **kwargs):
-        import jittor as jt
-
         null = jt.zeros((x.shape[0],), dtype="int32") + self.null_label
         return self.model(x, t, y=null, **kwargs)
 
@@ -92,8 +93,6 @@ class NullLabelModel:
 def classify_images(classifier: Callable, images: np.ndarray, batch_size: int = 100,
                     num_classes: int = NUM_DIGITS) -> np.ndarray:
     """The classifier's class (among the first `num_classes` logits) for uint8 NHWC images, at t = 0."""
-    import jittor as jt
-
     preds = []
     with jt.no_grad():
         for start in range(0, len(images), batch_size):
@@ -113,6 +112,14 @@ def guidance_accuracy(classifier: Callable, npz_path: str) -> Tuple[float, np.nd
     return float(np.mean(preds == labels)), preds
 
 
+def sample_figures(classifier: Callable, npz_path: str) -> Dict[str, float]:
+    """What the demo checks on each run's samples: guidance accuracy, colour spread and border brightness."""
+    accuracy, _ = guidance_accuracy(classifier, npz_path)
+    with np.load(npz_path, allow_pickle=False) as data:
+        images = data["arr_0"]
+    return dict(accuracy=accuracy, count=len(images), spread=colour_spread(images), border=border_mean(images))
+
+
 #: Channel multipliers of a 32x32 model or classifier (script_util's table entry for 32 pixels).
 CLASSIFIER_CHANNEL_MULT_32 = (1, 2, 2, 2)
 
@@ -128,49 +135,45 @@ DEMO_CLASSIFIER_FLAGS: Dict[str, Any] = dict(
 )
 
 
-def apply_digit_training_settings() -> None:
-    """Adjust the training scripts for digits for the rest of the process: no horizontal flips (a mirrored 3 is
-    no 3; the reference loader always flips half the images).
-
-    scripts/demo/train.py applies this before running free_train.py or classifier_train.py unchanged.
-    """
-    from . import image_datasets
-
-    if getattr(image_datasets.ImageDataset, "_digits_no_flip", False):
-        return
-    original_init = image_datasets.ImageDataset.__init__
-
-    @functools.wraps(original_init)
-    def init_without_flip(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.random_flip = False
-
-    image_datasets.ImageDataset.__init__ = init_without_flip
-    image_datasets.ImageDataset._digits_no_flip = True
-
-
 def load_demo_models(model_path: str, classifier_path: str, timestep_respacing: str):
     """Build the demo's free model (11-row label table), its respaced diffusion and the classifier; load both."""
-    from . import script_util
-    from .sampling import _build, load_weights
-
     flags = script_util.model_and_diffusion_defaults()
     flags.update(DEMO_MODEL_FLAGS, timestep_respacing=timestep_respacing)
-    model, diffusion = _build(script_util.create_model_and_diffusion, dict(flags, num_classes=NUM_DIGITS + 1))
+    model, diffusion = build_from_flags(script_util.create_model_and_diffusion, dict(flags, num_classes=NUM_DIGITS + 1))
     load_weights(model, model_path, what="demo diffusion model", flag="--model_path")
     model.eval()
     cflags = script_util.classifier_defaults()
     cflags.update(DEMO_CLASSIFIER_FLAGS)
-    classifier = _build(script_util.create_classifier, cflags)
+    classifier = build_from_flags(script_util.create_classifier, cflags)
     load_weights(classifier, classifier_path, what="demo classifier", flag="--classifier_path")
     classifier.eval()
     return model, diffusion, classifier
 
 
+def demo_diffusion(timestep_respacing: str):
+    """The demo model's diffusion respaced to `timestep_respacing` (a second sampler's steps for the same model)."""
+    flags = dict(script_util.model_and_diffusion_defaults(), **DEMO_MODEL_FLAGS)
+    return script_util.create_gaussian_diffusion(
+        steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
+        predict_xstart=flags["predict_xstart"], timestep_respacing=timestep_respacing)
+
+
+def colour_spread(images: np.ndarray) -> float:
+    """Mean of |R - G| and |G - B| over uint8 NHWC images, in uint8 levels: 0 for gray images such as MNIST's."""
+    x = images.astype(np.float64)
+    return float((np.abs(x[..., 0] - x[..., 1]).mean() + np.abs(x[..., 1] - x[..., 2]).mean()) / 2)
+
+
+def border_mean(images: np.ndarray, width: int = 3) -> float:
+    """Mean value of the `width`-pixel frame of uint8 NHWC images: 0 for the demo data (digits padded on black)."""
+    x = images.astype(np.float64)
+    frame = np.ones(x.shape[1:3], dtype=bool)
+    frame[width:-width, width:-width] = False
+    return float(x[:, frame].mean())
+
+
 def save_digit_grid(npz_path: str, png_path: str, per_row: int) -> None:
     """The whole samples .npz as one PNG grid with `per_row` images per row (a row per digit in the demo)."""
-    from .sampling import save_image_grid
-
     with np.load(npz_path, allow_pickle=False) as data:
         images = data["arr_0"]
     save_image_grid(images, png_path, nrow=per_row)
@@ -181,8 +184,6 @@ def save_demo_checkpoint(src: str, dest: str) -> int:
 
     Returns the number of tensors written.
     """
-    from .checkpoint import load_file, save_file
-
     state = load_file(src)
     out = {k: (v.astype(np.float16) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
            for k, v in state.items()}
