@@ -5,8 +5,11 @@ writes a complete checkpoint set and exits with 128 + the signal number; a non-f
 run before a checkpoint holding it can be written; an fp16 loss scale that keeps collapsing stops it too.
 
 Every decision is taken by all MPI ranks together (one small all-reduce per step), so they stop at the same step.
+While the guard is entered, the signals reach a thread that computes nothing (`cpu.signals_off_compute_threads`:
+a handler running inside oneDNN's GEMM would corrupt the heap).
 """
 
+import contextlib
 import math
 import signal
 import sys
@@ -16,6 +19,7 @@ from typing import Callable, Dict, Mapping, Optional
 import numpy as np
 
 from . import dist_util
+from .cpu import signals_off_compute_threads
 from .errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -46,15 +50,21 @@ class RunGuard:
         self.stop_signal: Optional[int] = None  # the signal every rank agreed to stop for
         self.overflow_streak = 0
         self._previous: Dict[int, object] = {}
+        self._routing: Optional[contextlib.ExitStack] = None
 
     # -- signals ------------------------------------------------------------------------------------------------
     def __enter__(self) -> "RunGuard":
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
+            self._routing = contextlib.ExitStack()
+            self._routing.enter_context(signals_off_compute_threads())
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._routing is not None:
+            self._routing.close()
+            self._routing = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -9,13 +10,36 @@ import pytest
 from guided_diffusion.run_guard import MAX_OVERFLOW_STREAK, RunGuard, TrainingDiverged
 
 
+def _count_handled(guard: RunGuard) -> list:
+    """The signals the guard's handler has run for, in order (to wait for: delivery is asynchronous)."""
+    handled = []
+    on_signal = guard._on_signal
+
+    def counting(signum, frame):
+        handled.append(signum)
+        on_signal(signum, frame)
+
+    guard._on_signal = counting
+    return handled
+
+
+def _send_and_wait(handled: list, signum: int) -> None:
+    before = len(handled)
+    os.kill(os.getpid(), signum)
+    deadline = time.time() + 10
+    while len(handled) == before and time.time() < deadline:
+        time.sleep(0.005)
+    assert handled[before:] == [signum]
+
+
 def test_a_signal_inside_the_guard_is_turned_into_a_stop_after_the_step_with_exit_status_128_plus_it():
     logged = []
     guard = RunGuard(log=logged.append)
+    handled = _count_handled(guard)
     with guard:
         assert guard.after_step(1, {"loss": 0.5}) is False
-        os.kill(os.getpid(), signal.SIGTERM)  # handled: no exception here, the process keeps running
-        os.kill(os.getpid(), signal.SIGINT)  # a second signal changes nothing
+        _send_and_wait(handled, signal.SIGTERM)  # handled: no exception here, the process keeps running
+        _send_and_wait(handled, signal.SIGINT)  # a second signal changes nothing
         assert guard.after_step(2, {"loss": 0.4}) is True
         with pytest.raises(SystemExit) as info:
             guard.exit_after_save(2, "/runs/model000002.pt")
@@ -27,8 +51,9 @@ def test_a_signal_inside_the_guard_is_turned_into_a_stop_after_the_step_with_exi
 
 def test_sigint_exits_with_130():
     guard = RunGuard(log=lambda m: None)
+    handled = _count_handled(guard)
     with guard:
-        os.kill(os.getpid(), signal.SIGINT)
+        _send_and_wait(handled, signal.SIGINT)
         assert guard.after_step(5, {})
         with pytest.raises(SystemExit) as info:
             guard.exit_after_save(5, None)
