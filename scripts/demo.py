@@ -100,7 +100,10 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--timestep_respacing", default="ddim25", help="DDIM steps, ddimN")
     parser.add_argument("--fast_sampler", default="dpm++2m", choices=[s for s in sampling.SAMPLERS if s != "ddpm"]
                         + ["none"], help="the second sampler every run also uses (none: DDIM only)")
-    parser.add_argument("--fast_respacing", default="logsnr10", help="the second sampler's steps")
+    parser.add_argument("--fast_respacing", default="ddim10",
+                        help="the second sampler's steps: DDIM's even stride, which stays clear of the cosine "
+                             "schedule's last timesteps (alpha_bar ~ 2e-9 at t = 999, where classifier guidance's "
+                             "x_0 correction is amplified ~2e4-fold; a logsnrN grid starts there)")
     parser.add_argument("--w", type=float, default=3.0,
                         help="classifier-free guidance weight: eps = (1 + w) eps(x, y) - w eps(x, null)")
     parser.add_argument("--classifier_scale", type=float, default=10.0,

@@ -127,6 +127,7 @@ CLASSIFIER_CHANNEL_MULT_32 = (1, 2, 2, 2)
 DEMO_MODEL_FLAGS: Dict[str, Any] = dict(
     image_size=DIGIT_IMAGE_SIZE, num_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="8",
     num_heads=2, dropout=0.0, learn_sigma=False, noise_schedule="cosine", diffusion_steps=1000, class_cond=True,
+    predict_xstart=True,
 )
 #: The demo's classifier flags: classifier_train.py with these made scripts/demo/classifier_digits.pt.
 DEMO_CLASSIFIER_FLAGS: Dict[str, Any] = dict(
