@@ -65,5 +65,8 @@ import jittor as jt
 if jt.mkl_ops is None:
     raise SystemExit("[setup] oneDNN was NOT picked up by Jittor: CPU convolutions would be ~100x slower")
 print("[setup] jittor", jt.__version__, "| oneDNN ops: yes | cuda:", bool(jt.has_cuda), "| mpi:", jt.mpi is not None)
+from guided_diffusion.cpu import signals_off_compute_threads
+with signals_off_compute_threads():  # compiles the run guard's signal-mask kernel once, before any training
+    pass
 PY
 say "ok"
