@@ -43,7 +43,8 @@ def _blocked_in_thread(native_id: int, signum: int) -> bool:
 
 
 def test_inside_the_block_the_main_and_openmp_threads_block_the_handled_signals_and_one_thread_takes_them():
-    assert _sigterm_blocked_per_openmp_thread() == [0] * len(_sigterm_blocked_per_openmp_thread())
+    before = _sigterm_blocked_per_openmp_thread()
+    assert before and all(v == 0 for v in before), before
     with signals_off_compute_threads():
         assert all(s in signal.pthread_sigmask(signal.SIG_BLOCK, []) for s in HANDLED_SIGNALS)
         per_thread = _sigterm_blocked_per_openmp_thread()

@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import jittor as jt
 import numpy as np
@@ -27,35 +27,34 @@ import numpy as np
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT)
 
 # Input: int32 [how, count, signal numbers...]. Every OpenMP thread but the calling one (thread 0, whose mask Python
-# sets) applies pthread_sigmask(how, signals); the output counts the threads that did.
+# sets) applies pthread_sigmask(how, signals). The output is unused (jt.code needs one).
 _WORKER_MASK_HEADER = "#include <signal.h>\n#include <omp.h>\n"
 _WORKER_MASK_SRC = r"""
     sigset_t set;
     sigemptyset(&set);
     const int how = in0_p[0], count = in0_p[1];
     for (int i = 0; i < count; i++) sigaddset(&set, in0_p[2 + i]);
-    int changed = 0;
-    #pragma omp parallel reduction(+ : changed)
+    #pragma omp parallel
     {
-        if (omp_get_thread_num() != 0 && pthread_sigmask(how, &set, nullptr) == 0) changed += 1;
+        if (omp_get_thread_num() != 0) pthread_sigmask(how, &set, nullptr);
     }
-    out0_p[0] = changed;
+    out0_p[0] = 0;
 """
 
-_active = [0]  # guards entered and not yet left in this process
+# The signals each entered block added to the main thread's mask (innermost last): what a forked child unblocks.
+_blocked_by_entered_blocks: List[Tuple[int, ...]] = []
 
 
-def _set_worker_mask(how: int, signums: Sequence[int]) -> int:
-    """Apply pthread_sigmask(how, signums) on every OpenMP worker thread; returns how many threads did."""
+def _set_worker_mask(how: int, signums: Sequence[int]) -> None:
+    """Apply pthread_sigmask(how, signums) on every OpenMP worker thread."""
     spec = jt.array(np.array([int(how), len(signums)] + [int(s) for s in signums], dtype=np.int32))
     with jt.flag_scope(use_cuda=0):
-        out = jt.code((1,), "int32", [spec], cpu_header=_WORKER_MASK_HEADER, cpu_src=_WORKER_MASK_SRC)
-        return int(out.numpy()[0])
+        jt.code((1,), "int32", [spec], cpu_header=_WORKER_MASK_HEADER, cpu_src=_WORKER_MASK_SRC).sync()
 
 
 def _unblock_in_forked_child() -> None:
-    if _active[0]:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    for added in _blocked_by_entered_blocks:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, added)
 
 
 os.register_at_fork(after_in_child=_unblock_in_forked_child)
@@ -77,15 +76,16 @@ def signals_off_compute_threads(signums: Sequence[int] = HANDLED_SIGNALS) -> Ite
     receiver = threading.Thread(target=wake.wait, name="signal-receiver", daemon=True)
     receiver.start()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    _active[0] += 1
+    added = tuple(s for s in signums if s not in previous)
+    _blocked_by_entered_blocks.append(added)
     try:
         _set_worker_mask(signal.SIG_BLOCK, signums)
         yield
     finally:
         try:
-            _set_worker_mask(signal.SIG_UNBLOCK, [s for s in signums if s not in previous])
+            _set_worker_mask(signal.SIG_UNBLOCK, added)
         finally:
-            _active[0] -= 1
+            _blocked_by_entered_blocks.pop()
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             wake.set()
             receiver.join()
