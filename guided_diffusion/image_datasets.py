@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from . import logger
+from .class_labels import (ClassListing, class_count_problem, find_classes, labels_for_names, summary_lines,
+                           write_classes)
 from .errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
@@ -56,20 +58,37 @@ def load_data(
     random_crop: bool = False,
     random_flip: bool = True,
     seed: int = 0,
+    class_from: str = "auto",
+    class_names: Optional[Sequence[str]] = None,
+    num_classes: Optional[int] = None,
 ) -> "BatchIterator":
     """An endless iterator of (images, kwargs) batches from the images under data_dir, sharded by MPI rank.
 
-    :param class_cond: add kwargs["y"], the class index of the file-name prefix before the first "_".
+    :param class_cond: add kwargs["y"], the class label of each image (class_labels.find_classes: its sub-folder
+        when every image lies in one of two or more sub-folders, else its file-name prefix before the first "_");
+        the class count, the images per class and the rule's notice are logged, and classes.json is written into
+        the logger's directory (rank 0). The iterator's `class_names` holds the class list.
+    :param class_from: the class rule: auto, folder or filename.
+    :param class_names: number the classes as this list does (validation data numbered like the training data;
+        nothing is logged or written then).
+    :param num_classes: the model's class count; more classes in the data raise a DataError.
     :param deterministic: keep the sorted file order instead of shuffling every epoch.
     :param seed: the seed of the shuffle and of the crops/flips (see the module docstring).
     """
     all_files = check_data_dir(data_dir)
     classes = None
+    found_names = None
     if class_cond:
-        # Assume classes are the first part of the filename, before an underscore.
-        class_names = [os.path.basename(path).split("_")[0] for path in all_files]
-        sorted_classes = {x: i for i, x in enumerate(sorted(set(class_names)))}
-        classes = [sorted_classes[x] for x in class_names]
+        listing = find_classes(data_dir, all_files, class_from)
+        if class_names is None:
+            problem = class_count_problem(listing.num_classes, num_classes, "data directory %r" % data_dir) \
+                if num_classes is not None else None
+            if problem:
+                raise DataError(problem)
+            classes, found_names = listing.labels, listing.class_names
+            record_classes(listing, num_classes)
+        else:
+            classes, found_names = labels_for_names(listing, class_names), list(class_names)
     dataset = ImageDataset(
         image_size,
         all_files,
@@ -84,7 +103,36 @@ def load_data(
             "data directory %r has %d image(s), %d per process over %d process(es), fewer than --batch_size %d: "
             "add images or lower --batch_size" % (data_dir, len(dataset), per_rank, world, batch_size)
         )
-    return BatchIterator(dataset, batch_size, shuffle=not deterministic, seed=seed, rank=rank, world_size=world)
+    iterator = BatchIterator(dataset, batch_size, shuffle=not deterministic, seed=seed, rank=rank, world_size=world)
+    iterator.class_names = found_names
+    return iterator
+
+
+def check_data_classes(data_dir: str, class_from: str = "auto", num_classes: Optional[int] = None,
+                       flag: str = "--data_dir", num_classes_flag: str = "--num_classes") -> ClassListing:
+    """The classes of the images under data_dir (see load_data); a UserError when the folder has no images, the
+    rule is unknown or cannot apply, or the data has more classes than `num_classes` (the fix named)."""
+    listing = find_classes(data_dir, check_data_dir(data_dir, flag), class_from, data_flag=flag)
+    if num_classes is not None:
+        problem = class_count_problem(listing.num_classes, num_classes, "%s %s" % (flag, data_dir),
+                                      num_classes_flag)
+        if problem:
+            raise DataError(problem)
+    return listing
+
+
+def record_classes(listing: ClassListing, num_classes: Optional[int] = None) -> None:
+    """Log the class count, rule and images per class (and the rule's notice), and write classes.json into the
+    logger's directory; on rank 0 only, and only once a logger is configured (the scripts' logger.configure())."""
+    if _shard_info()[0] != 0 or logger.Logger.CURRENT is None:
+        return
+    if listing.notice:
+        logger.log("note: " + listing.notice)
+    for line in summary_lines(listing, num_classes):
+        logger.log(line)
+    folder = logger.get_dir()
+    if folder:
+        logger.log("class list (index = label id): %s" % write_classes(folder, listing.class_names))
 
 
 def check_data_dir(data_dir: str, flag: str = "--data_dir") -> List[str]:
