@@ -9,7 +9,6 @@ from guided_diffusion import dist_util, guidance, logger, model_loading, samplin
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.flag_help import attach_flag_help
 from guided_diffusion.script_util import (
-    NUM_CLASSES,
     add_dict_to_argparser,
     classifier_defaults,
     model_and_diffusion_defaults,
@@ -20,7 +19,8 @@ def main():
     args = create_argparser().parse_args()
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
-    fixed = check(model_loading.parse_class_labels, args.class_labels, NUM_CLASSES)
+    classes = check(model_loading.trained_classes, args.model_path, args.num_classes)
+    fixed = check(model_loading.parse_class_labels, args.class_labels, classes or args.num_classes)
     check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
     check(model_loading.require_file, args.classifier_path, what="classifier", flag="--classifier_path")
     check.done()
@@ -41,11 +41,12 @@ def main():
         assert y is not None
         return model(x, t, y if args.class_cond else None)
 
+    logger.log(classes.describe())
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model_fn, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
         sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
-        cond_fn=cond_fn, num_classes=NUM_CLASSES, fixed_labels=fixed,
+        cond_fn=cond_fn, num_classes=classes.count, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
@@ -71,8 +72,11 @@ def create_argparser():
     defaults.update(classifier_defaults())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dict_to_argparser(parser, defaults)
-    attach_flag_help(parser, {"class_labels": "comma-separated class ids to guide towards, used in turn "
-                                              "(e.g. 207 or 1,2,3); empty: a random class per sample"})
+    attach_flag_help(parser, {"class_labels": "comma-separated class ids (or class names of classes.json beside "
+                                              "--model_path) to guide towards, used in turn (e.g. 207 or 1,2,3); "
+                                              "empty: a random class per sample",
+                              "num_classes": "classes of the diffusion model's label table and of the classifier's "
+                                             "output (1000: ImageNet, the released models)"})
     return parser
 
 

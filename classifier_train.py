@@ -6,7 +6,7 @@ import argparse
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import InputCheck, run_cli
-from guided_diffusion.image_datasets import check_data_dir, load_data
+from guided_diffusion.image_datasets import check_data_classes, check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -28,6 +28,7 @@ def main() -> None:
     check_training_flags(check, args)
     check(check_data_dir, args.data_dir)
     if args.val_data_dir:
+    check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
         check(check_data_dir, args.val_data_dir, flag="--val_data_dir")
     check.done()
 
@@ -51,6 +52,8 @@ def main() -> None:
         random_flip=args.random_flip,
         seed=args.seed,
     )
+        class_from=args.class_from,
+        num_classes=args.num_classes,
     val_data = None
     if args.val_data_dir:
         val_data = load_data(
@@ -61,6 +64,8 @@ def main() -> None:
             random_flip=args.random_flip,
             seed=args.seed,
         )
+            class_from=args.class_from,
+            class_names=data.class_names,
 
     logger.log("training classifier model...")
     classifier_train_loop_from_args(args, model, diffusion, data, val_data, schedule_sampler).run_loop()
@@ -71,6 +76,7 @@ def create_argparser() -> argparse.ArgumentParser:
         data_dir="",
         val_data_dir="",
         noised=True,
+        class_from="auto",
         iterations=150000,
         lr=3e-4,
         weight_decay=0.0,

@@ -17,7 +17,6 @@ from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.flag_help import attach_flag_help
 from guided_diffusion.guidance import ClassifierFreeGuidance
 from guided_diffusion.script_util import (
-    NUM_CLASSES,
     add_dict_to_argparser,
     free_model_and_diffusion_defaults,
     model_and_diffusion_defaults,
@@ -35,19 +34,19 @@ def main():
         if args.cmodel_path or args.ucmodel_path:
             check.problem("give either --model_path (a free_train.py model) or --cmodel_path with --ucmodel_path "
                           "(two models), not both")
-        num_classes = args.num_classes
         check(model_loading.require_file, args.model_path, what="free_train.py model", flag="--model_path")
+        classes = check(model_loading.trained_classes, args.model_path, args.num_classes)
     else:
         if not (args.cmodel_path and args.ucmodel_path):
             check.problem("classifier-free sampling needs --cmodel_path (class-conditional model) and "
                           "--ucmodel_path (unconditional model), or --model_path (a model trained by "
                           "free_train.py)")
-        num_classes = NUM_CLASSES
+        classes = check(model_loading.trained_classes, args.cmodel_path, args.num_classes, "--cmodel_path")
         for flag, path, what in (("--cmodel_path", args.cmodel_path, "class-conditional model"),
                                  ("--ucmodel_path", args.ucmodel_path, "unconditional model")):
             if path:
                 check(model_loading.require_file, path, what=what, flag=flag)
-    fixed = check(model_loading.parse_class_labels, args.class_labels, num_classes)
+    fixed = check(model_loading.parse_class_labels, args.class_labels, classes or args.num_classes)
     check.done()
 
     dist_util.setup_dist()
@@ -57,9 +56,9 @@ def main():
     logger.log("creating model and diffusion...")
     if args.model_path:
         model, diffusion = model_loading.load_model_and_diffusion(
-            args, keys, model_path=args.model_path, class_cond=True, num_classes=num_classes + 1
+            args, keys, model_path=args.model_path, class_cond=True, num_classes=args.num_classes + 1
         )
-        guided = ClassifierFreeGuidance(model, args.w, null_label=num_classes)
+        guided = ClassifierFreeGuidance(model, args.w, null_label=args.num_classes)
     else:
         cmodel, diffusion = model_loading.load_model_and_diffusion(
             args, keys, model_path=args.cmodel_path, flag="--cmodel_path", class_cond=True
@@ -69,11 +68,12 @@ def main():
         )
         guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel)
 
+    logger.log(classes.describe())
     logger.log("sampling with guidance weight w=%g..." % args.w)
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, guided, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
         sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
-        num_classes=num_classes, fixed_labels=fixed,
+        num_classes=classes.count, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),
@@ -97,13 +97,14 @@ def create_argparser(free_defaults: bool = False):
         class_labels="",
     )
     defaults.update(free_model_and_diffusion_defaults() if free_defaults else model_and_diffusion_defaults())
-    defaults.setdefault("num_classes", free_model_and_diffusion_defaults()["num_classes"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, defaults)
     attach_flag_help(parser, {
         "model_path": "mode (b): a model trained by free_train.py (null label = --num_classes)",
         "num_classes": "mode (b): number of real classes of the free_train.py model (its label table has one more "
-                       "row, the null label); mode (a) always uses the 1000 ImageNet classes",
+                       "row, the null label; default 10); mode (a): rows of the conditional model's label table "
+                       "(default 1000, the released models). Labels are drawn from classes.json beside the "
+                       "checkpoint when present, else from 0..N-1",
         "class_cond": "ignored: the conditional model is always class-conditional, the unconditional one not",
     })
     return parser

@@ -7,7 +7,7 @@ so one model learns both the conditional and the unconditional prediction; sampl
 import argparse
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cifar10 import load_cifar10_or_folder
+from guided_diffusion.cifar10 import check_folder_classes, load_cifar10_or_folder
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.image_datasets import with_label_dropout
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -23,8 +23,8 @@ from guided_diffusion.train_util import check_training_flags, seeded_initialisat
 
 FREE_FLAG_HELP = dict(
     TRAINING_FLAG_HELP,
-    data_dir="CIFAR-10 folder (cifar-10-batches-py inside, downloaded when absent) or a folder of images "
-             "named <class>_<anything>.png",
+    data_dir="CIFAR-10 folder (cifar-10-batches-py inside, downloaded when absent) or a folder of images: one "
+             "sub-folder per class, or flat with names <class>_<anything>.png (see --class_from)",
     num_classes="number of real classes; the label table gets one more row, the null label (= num_classes)",
 )
 
@@ -44,10 +44,11 @@ def main() -> None:
     dist_util.setup_dist()
     logger.configure()
 
+    check(check_folder_classes, args.data_dir, args.class_from, args.num_classes)
     logger.log("creating model and diffusion...")
     with seeded_initialisation(args.seed):
         model, diffusion = create_model_and_diffusion(
-            **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1
+            **dict(args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1)
         )
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
@@ -64,6 +65,8 @@ def main() -> None:
 
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+        class_from=args.class_from,
+        num_classes=args.num_classes,
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -74,6 +77,7 @@ def create_argparser() -> argparse.ArgumentParser:
         weight_decay=0.0,
         lr_anneal_steps=0,
         batch_size=128,
+        class_from="auto",
         microbatch=-1,
         ema_rate="0.9999",
         log_interval=100,

@@ -6,7 +6,7 @@ import argparse
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import InputCheck, run_cli
-from guided_diffusion.image_datasets import check_data_dir, load_data
+from guided_diffusion.image_datasets import check_data_classes, check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -28,6 +28,8 @@ def main() -> None:
     dist_util.setup_dist()
     logger.configure()
 
+    if args.class_cond:
+        check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
     logger.log("creating model and diffusion...")
     with seeded_initialisation(args.seed):
         model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
@@ -46,6 +48,8 @@ def main() -> None:
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
+        class_from=args.class_from,
+        num_classes=args.num_classes,
 
 def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
@@ -55,6 +59,7 @@ def create_argparser() -> argparse.ArgumentParser:
         weight_decay=0.0,
         lr_anneal_steps=0,
         batch_size=1,
+        class_from="auto",
         microbatch=-1,  # -1 disables microbatches
         ema_rate="0.9999",  # comma-separated list of EMA values
         log_interval=10,

@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .class_labels import ClassListing
 from .errors import DataError
-from .image_datasets import ArrayDataset, BatchIterator, _list_image_files_recursively, load_data
+from .image_datasets import (ArrayDataset, BatchIterator, _list_image_files_recursively, check_data_classes,
+                             load_data, record_classes)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -22,6 +24,8 @@ CIFAR10_DIRNAME = "cifar-10-batches-py"
 TRAIN_BATCHES = ["data_batch_%d" % i for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
 NUM_CLASSES = 10
+#: The class names of the labels 0..9 (batches.meta's label_names).
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def find_cifar10_batches(data_dir: str) -> Optional[str]:
@@ -114,14 +118,36 @@ def load_cifar10_data(*, data_dir: str, batch_size: int, image_size: int = 32, c
         batches_dir = download_cifar10(data_dir)
     images, labels = load_cifar10_arrays(batches_dir, train=True)
     dataset = ArrayDataset(image_size, images, labels if class_cond else None, random_flip=random_flip)
-    return BatchIterator(dataset, batch_size, shuffle=True, seed=seed)
+    iterator = BatchIterator(dataset, batch_size, shuffle=True, seed=seed)
+    iterator.class_names = None
+    if class_cond:
+        counts = np.bincount(labels, minlength=NUM_CLASSES)
+        record_classes(ClassListing([], [], list(CLASS_NAMES), "CIFAR-10's labels",
+                                    counts={n: int(c) for n, c in zip(CLASS_NAMES, counts)}))
+        iterator.class_names = list(CLASS_NAMES)
+    return iterator
+
+
+def is_image_folder(data_dir: str) -> bool:
+    """Whether data_dir is read as a folder of images (it holds images and no CIFAR-10 batches)."""
+    return (find_cifar10_batches(data_dir) is None and os.path.isdir(data_dir)
+            and bool(_list_image_files_recursively(data_dir)))
+
+
+def check_folder_classes(data_dir: str, class_from: str = "auto", num_classes: Optional[int] = None) -> None:
+    """For an image folder (not CIFAR-10): image_datasets.check_data_classes (the class count against
+    --num_classes); nothing for CIFAR-10."""
+    if is_image_folder(data_dir):
+        check_data_classes(data_dir, class_from, num_classes)
 
 
 def load_cifar10_or_folder(*, data_dir: str, batch_size: int, image_size: int, class_cond: bool = True,
-                           random_flip: bool = True, seed: int = 0):
-    """CIFAR-10 batches when data_dir holds (or will hold, by download) CIFAR-10; an image folder otherwise."""
-    if find_cifar10_batches(data_dir) is None and os.path.isdir(data_dir) and _list_image_files_recursively(data_dir):
+                           random_flip: bool = True, seed: int = 0, class_from: str = "auto",
+                           num_classes: Optional[int] = None):
+    """CIFAR-10 batches when data_dir holds (or will hold, by download) CIFAR-10; an image folder otherwise (its
+    classes by class_from, at most num_classes of them: see image_datasets.load_data)."""
+    if is_image_folder(data_dir):
         return load_data(data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
-                         random_flip=random_flip, seed=seed)
+                         random_flip=random_flip, seed=seed, class_from=class_from, num_classes=num_classes)
     return load_cifar10_data(data_dir=data_dir, batch_size=batch_size, image_size=image_size,
                              class_cond=class_cond, random_flip=random_flip, seed=seed)

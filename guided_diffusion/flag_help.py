@@ -22,8 +22,11 @@ FLAG_HELP: Dict[str, str] = {
     "attention_resolutions": "comma-separated feature-map sizes (in pixels) that get self-attention",
     "channel_mult": "comma-separated channel multipliers per level (empty: the default for --image_size)",
     "dropout": "dropout rate in the residual blocks (no effect when sampling)",
-    "class_cond": "class-conditional model (training: labels from the file-name prefix before '_'; sampling: its "
-                  "checkpoint has label_emb.weight)",
+    "class_cond": "class-conditional model (training: labels from the class sub-folders or the file-name prefix "
+                  "before '_', see --class_from; sampling: its checkpoint has label_emb.weight)",
+    "num_classes": "number of classes: rows of the label table (--class_cond True) or the classifier's outputs "
+                   "(1000: ImageNet, the released models); training stops at start-up when the data has more "
+                   "classes; sampling draws labels from classes.json beside the checkpoint, else from 0..N-1",
     "use_checkpoint": "gradient checkpointing: recompute activations in the backward pass to save memory (no effect "
                       "when sampling)",
     "use_scale_shift_norm": "the ResBlocks condition on the timestep with scale and shift (FiLM)",
@@ -66,8 +69,8 @@ FLAG_HELP: Dict[str, str] = {
     "classifier_scale": "strength of classifier guidance: the gradient of log p(y|x_t) is multiplied by this",
     "seed": "random seed; batch i draws its labels and noise from (seed, i), so runs are reproducible, independent "
             "of the number of MPI ranks, and an interrupted run can be continued by repeating the command",
-    "class_labels": "comma-separated class ids used in turn for the samples (e.g. 207 or 1,2,3); "
-                    "empty: a random class per sample",
+    "class_labels": "comma-separated class ids or class names of classes.json beside the checkpoint, used in "
+                    "turn for the samples (e.g. 207 or 1,2,3 or cat,dog); empty: a random class per sample",
     "base_samples": ".npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels when --class_cond True) "
                     "to upsample, e.g. the output of classifier_sample.py at 64x64",
     "w": "classifier-free guidance weight: eps = (1 + w) * eps_cond - w * eps_uncond; 0 samples the "
@@ -98,7 +101,11 @@ FLAG_HELP: Dict[str, str] = {
 
 #: What the shared flags mean in the training scripts (image_train, classifier_train, free_train, super_res_train).
 TRAINING_FLAG_HELP: Dict[str, str] = {
-    "data_dir": "folder of training images (searched recursively; class = file-name prefix before '_')",
+    "data_dir": "folder of training images (searched recursively; classes: see --class_from)",
+    "class_from": "where an image's class comes from: folder (its sub-folder of --data_dir, as ImageFolder), "
+                  "filename (the file-name prefix before '_', the reference's rule) or auto (folder when every "
+                  "image lies in one of two or more sub-folders, else filename; named at start-up when the two "
+                  "differ). The run writes the class list to classes.json in its log directory",
     "batch_size": "images per step per MPI rank",
     "seed": "seed of the initial weights, data order, augmentations, noise and timesteps (the same command, seed and "
             "number of MPI ranks give the same run; a resumed run continues the same streams)",

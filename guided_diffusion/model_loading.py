@@ -8,11 +8,12 @@ CheckpointError naming the fitting flags on a mismatch.
 """
 
 import os
-from typing import Any, Callable, Iterable, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from . import dist_util, script_util, state_dicts
+from . import class_labels, dist_util, script_util, state_dicts
 from .errors import CheckpointError, UserError
 from .gaussian_diffusion import get_named_beta_schedule
 from .respace import space_timesteps
@@ -43,18 +44,86 @@ def check_count(value: int, flag: str) -> None:
         raise UserError("%s must be at least 1 (got %d)" % (flag, value))
 
 
-def parse_class_labels(spec: str, num_classes: int) -> Optional[List[int]]:
-    """--class_labels "1,2,3" -> [1, 2, 3] (checked against the number of classes); "" -> None (random)."""
+@dataclass
+class TrainedClasses:
+    """The classes a sampling script draws labels from: ids 0..count-1, named by classes.json when there is one."""
+
+    count: int
+    names: Optional[List[str]] = None
+    source: str = ""  # where the list came from, for the log
+
+    def describe(self) -> str:
+        """One log line: how many classes labels are drawn from, and where that number comes from."""
+        return "class labels are drawn from %d classes (%s)" % (self.count, self.source)
+
+
+def trained_classes(model_path: str, num_classes: int, flag: str = "--model_path") -> TrainedClasses:
+    """The classes a checkpoint was trained on: the classes.json beside it (written by the training scripts) when
+    present, else the label table's --num_classes rows; a UserError when classes.json lists more than that."""
+    found = class_labels.classes_beside(model_path)
+    if found is None:
+        return TrainedClasses(num_classes, None, "--num_classes %d; no %s beside %s %s"
+                              % (num_classes, class_labels.CLASSES_FILE, flag, model_path))
+    names = class_labels.read_classes(found)
+    if not names:
+        raise UserError("%s lists no classes: fix or remove it" % found)
+    if len(names) > num_classes:
+        raise UserError("%s lists %d classes but the model is built with --num_classes %d: pass --num_classes with "
+                        "the value used in training (at least %d)" % (found, len(names), num_classes, len(names)))
+    return TrainedClasses(len(names), names, found)
+
+
+def _class_id(token: str, names: Optional[Sequence[str]], count: int) -> int:
+    """One --class_labels entry: a class name of classes.json, or an id; "id:N" / "name:X" say which."""
+    if token.startswith("id:"):
+        return int(token[3:])
+    if token.startswith("name:"):
+        token = token[5:]
+        if not names or token not in names:
+            raise ValueError(token)
+        return names.index(token)
+    as_int = None
+    try:
+        as_int = int(token)
+    except ValueError:
+        pass
+    if names and token in names:
+        index = names.index(token)
+        if as_int is not None and as_int != index and 0 <= as_int < count:
+            raise UserError("--class_labels %s is both the class named %r (id %d) and the class id %d: write "
+                            "name:%s or id:%s" % (token, token, index, as_int, token, token))
+        return index
+    if as_int is None:
+        raise ValueError(token)
+    return as_int
+
+
+def parse_class_labels(spec: str, num_classes: Union[int, TrainedClasses]) -> Optional[List[int]]:
+    """--class_labels "1,2,3" -> [1, 2, 3], or class names of classes.json ("cat,dog" -> their ids), checked
+    against the classes the model was trained on (an int: that many classes, unnamed); "" -> None (random)."""
+    classes = num_classes if isinstance(num_classes, TrainedClasses) else TrainedClasses(int(num_classes))
     spec = (spec or "").strip()
     if not spec:
         return None
-    try:
-        labels = [int(s) for s in spec.replace(" ", ",").split(",") if s]
-    except ValueError:
-        raise UserError("--class_labels must be comma-separated class ids such as 1,2,3; got %r" % spec) from None
-    bad = [y for y in labels if not 0 <= y < num_classes]
+    if not classes.names:
+        spec = spec.replace(" ", ",")  # "1 2 3" as the reference's scripts took it
+    labels = []
+    for token in (s.strip() for s in spec.split(",")):
+        if not token:
+            continue
+        try:
+            labels.append(_class_id(token, classes.names, classes.count))
+        except ValueError:
+            if classes.names:
+                shown = ", ".join(classes.names[:20]) + (", ..." if len(classes.names) > 20 else "")
+                raise UserError("--class_labels %s: %r is neither a class id (0..%d) nor a class name of %s (%s)"
+                                % (spec, token, classes.count - 1, classes.source, shown)) from None
+            raise UserError("--class_labels must be comma-separated class ids such as 1,2,3; got %r (class names "
+                            "need a %s beside the checkpoint)" % (spec, class_labels.CLASSES_FILE)) from None
+    bad = [y for y in labels if not 0 <= y < classes.count]
     if bad or not labels:
-        raise UserError("--class_labels %s: class ids must lie in 0..%d for this model" % (spec, num_classes - 1))
+        raise UserError("--class_labels %s: class ids must lie in 0..%d for this model (%s)"
+                        % (spec, classes.count - 1, classes.source or "its classes"))
     return labels
 
 
@@ -67,9 +136,9 @@ def require_file(path: str, *, what: str, flag: str) -> None:
                               "the released checkpoints)" % (flag, path, what))
 
 
-def load_weights(module, path: str, *, what: str = "model", flag: str = "--model_path") -> None:
-    """Load a checkpoint into `module` strictly (a clear CheckpointError naming fitting flags on mismatch)."""
-    require_file(path, what=what, flag=flag)
+def read_state_dict(path: str, flag: str = "--model_path") -> Mapping[str, Any]:
+    """The state dict of a checkpoint file: a bare state dict (the released files), or the "ema", "model" or
+    "state_dict" entry of a training checkpoint (DiT's {"model", "ema", "opt", "args"}), in that order."""
     state = dist_util.load_state_dict(path, map_location="cpu")
     if isinstance(state, Mapping) and not any(isinstance(v, np.ndarray) for v in state.values()):
         for key in ("ema", "model", "state_dict"):  # a training checkpoint holding the state dict inside
@@ -78,7 +147,29 @@ def load_weights(module, path: str, *, what: str = "model", flag: str = "--model
                 break
     if not isinstance(state, Mapping):
         raise CheckpointError("%s %s does not hold a state dict (found %s)" % (flag, path, type(state).__name__))
+    return state
+
+
+def load_weights(module, path: str, *, what: str = "model", flag: str = "--model_path") -> None:
+    """Load a checkpoint into `module` strictly (a clear CheckpointError naming fitting flags on mismatch)."""
+    require_file(path, what=what, flag=flag)
+    state = read_state_dict(path, flag)
     state_dicts.load_state_dict_strict(module, state, source="%s %s" % (flag, path))
+
+
+def finetune_from(module, path: str, *, flag: str = "--finetune_from",
+                  log: Optional[Callable[[str], None]] = None) -> state_dicts.FinetuneReport:
+    """Start `module` (freshly built, seeded) from a checkpoint with another class count: every tensor whose name
+    and shape fit is loaded, the label table / classifier output that does not fit stays fresh
+    (state_dicts.load_state_dict_for_finetuning); the report's table is passed to `log`. A CheckpointError names
+    the flags when the architectures differ otherwise."""
+    require_file(path, what="checkpoint to fine-tune from", flag=flag)
+    state = read_state_dict(path, flag)
+    report = state_dicts.load_state_dict_for_finetuning(module, state, source="%s %s" % (flag, path))
+    if log is not None:
+        for line in report.table().split("\n"):
+            log(line)
+    return report
 
 
 def build_from_flags(factory: Callable, kwargs: Mapping[str, Any]):

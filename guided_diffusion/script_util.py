@@ -1,9 +1,11 @@
 """
 Flag defaults and factories that turn command-line flags into models and diffusion processes.
 
-Same names, signatures and defaults as guided-diffusion's ``script_util.py``; the only addition is a trailing
-``num_classes`` keyword on ``create_model`` / ``create_model_and_diffusion`` (classifier-free models use a
-``num_classes + 1`` row label table, the last row being the null label) and ``free_model_and_diffusion_defaults``.
+Same names, signatures and defaults as guided-diffusion's ``script_util.py``; the additions are a trailing
+``num_classes`` keyword (default ``NUM_CLASSES`` = 1000, the reference's constant) on every factory that builds a
+class-conditional model or a classifier, with a ``num_classes`` entry in the defaults dicts so that every script
+gets ``--num_classes`` (classifier-free models use a ``num_classes + 1`` row label table, the last row being the
+null label), and ``free_model_and_diffusion_defaults``.
 """
 
 import argparse
@@ -47,6 +49,7 @@ def classifier_defaults() -> Dict[str, Any]:
         classifier_use_scale_shift_norm=True,  # False
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
+        num_classes=NUM_CLASSES,
     )
 
 
@@ -68,6 +71,7 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        num_classes=NUM_CLASSES,
     )
     res.update(diffusion_defaults())
     return res
@@ -256,8 +260,9 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
-    """Build the noisy-image classifier and the diffusion process it is trained against."""
+    """Build the noisy-image classifier (num_classes outputs) and the diffusion process it is trained against."""
     classifier = create_classifier(
         image_size,
         classifier_use_fp16,
@@ -267,6 +272,7 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -290,15 +296,16 @@ def create_classifier(
     classifier_use_scale_shift_norm,
     classifier_resblock_updown,
     classifier_pool,
+    num_classes=NUM_CLASSES,
 ) -> EncoderUNetModel:
-    """Build the EncoderUNetModel classifier (1000 ImageNet classes) from the classifier flags."""
+    """Build the EncoderUNetModel classifier (num_classes outputs: 1000 ImageNet classes) from the classifier flags."""
     channel_mult = _default_channel_mult(image_size)
     attention_ds = _attention_ds(image_size, classifier_attention_resolutions, "classifier_attention_resolutions")
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=1000,
+        out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_ds,
         channel_mult=channel_mult,
@@ -345,6 +352,7 @@ def sr_create_model_and_diffusion(
     use_scale_shift_norm,
     resblock_updown,
     use_fp16,
+    num_classes=NUM_CLASSES,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution model and its diffusion process from the sr flags."""
     model = sr_create_model(
@@ -363,6 +371,7 @@ def sr_create_model_and_diffusion(
         dropout=dropout,
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
+        num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -393,8 +402,9 @@ def sr_create_model(
     dropout,
     resblock_updown,
     use_fp16,
+    num_classes=NUM_CLASSES,
 ) -> SuperResModel:
-    """Build the SuperResModel (channel multipliers chosen by large_size)."""
+    """Build the SuperResModel (channel multipliers chosen by large_size; num_classes label rows when class_cond)."""
     _ = small_size  # the low-resolution size is implied by the input, as in the reference
     if large_size in (512, 256):
         channel_mult = (1, 1, 2, 2, 4, 4)
@@ -412,7 +422,7 @@ def sr_create_model(
         attention_resolutions=attention_ds,
         dropout=dropout,
         channel_mult=channel_mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,

@@ -14,14 +14,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
-from guided_diffusion.script_util import NUM_CLASSES, add_dict_to_argparser, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults  # noqa: E402
 
 
 def main():
     args = create_argparser().parse_args()
     check = InputCheck()
     sampling.check_sampling_flags(check, args)
-    fixed = check(model_loading.parse_class_labels, args.class_labels, NUM_CLASSES)
+    classes = check(model_loading.trained_classes, args.model_path, args.num_classes) if args.class_cond else None
+    fixed = check(model_loading.parse_class_labels, args.class_labels, classes or args.num_classes)
     if fixed and not args.class_cond:
         check.problem("--class_labels needs a class-conditional model: add --class_cond True")
     check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
@@ -35,11 +36,13 @@ def main():
         args, model_and_diffusion_defaults().keys(), model_path=args.model_path
     )
 
+    if args.class_cond:
+        logger.log(classes.describe())
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
         sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
-        num_classes=NUM_CLASSES if args.class_cond else None, fixed_labels=fixed,
+        num_classes=classes.count if args.class_cond else None, fixed_labels=fixed,
     )
     sampling.generate_samples(
         sample_batch, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=logger.get_dir(),

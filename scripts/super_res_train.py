@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
-from guided_diffusion.image_datasets import area_downsample, check_data_dir, load_data  # noqa: E402
+from guided_diffusion.image_datasets import area_downsample, check_data_classes, check_data_dir, load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -34,6 +34,8 @@ def main() -> None:
     check_training_flags(check, args)
     check(check_data_dir, args.data_dir)
     if not 0 < args.small_size <= args.large_size:
+    if args.class_cond:
+        check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
         check.problem("--small_size %d must lie in 1..--large_size (%d)" % (args.small_size, args.large_size))
     check.done()
 
@@ -57,12 +59,15 @@ def main() -> None:
         random_flip=args.random_flip,
         seed=args.seed,
     )
+        class_from=args.class_from,
+        num_classes=args.num_classes,
 
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, random_flip=True, seed=0):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, random_flip=True, seed=0,
+                       class_from="auto", num_classes=None):
     """Training batches of large_size images with model_kwargs["low_res"] (area-downsampled to small_size)."""
     data = load_data(
         data_dir=data_dir,
@@ -72,6 +77,8 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         random_flip=random_flip,
         seed=seed,
     )
+        class_from=class_from,
+        num_classes=num_classes,
 
     def add_low_res(large_batch, model_kwargs, _index):
         model_kwargs = dict(model_kwargs)
@@ -85,6 +92,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
         data_dir="",
         schedule_sampler="uniform",
+        class_from="auto",
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,

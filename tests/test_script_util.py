@@ -44,6 +44,7 @@ def test_diffusion_and_model_defaults_match_the_reference():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        num_classes=1000,  # added (the reference's NUM_CLASSES constant): --num_classes on every script
     )
     expected.update(su.diffusion_defaults())
     assert su.model_and_diffusion_defaults() == expected
@@ -60,6 +61,7 @@ def test_classifier_defaults_match_the_reference():
         classifier_use_scale_shift_norm=True,
         classifier_resblock_updown=True,
         classifier_pool="attention",
+        num_classes=1000,  # added: the classifier's output count
     )
     both = su.classifier_and_diffusion_defaults()
     assert set(both) == set(su.classifier_defaults()) | set(su.diffusion_defaults())
@@ -88,6 +90,7 @@ def test_sr_defaults_drop_image_size_channel_mult_and_attention_order():
         predict_xstart=False,
         rescale_timesteps=False,
         rescale_learned_sigmas=False,
+        num_classes=1000,
         large_size=256,
         small_size=64,
     )
@@ -96,7 +99,7 @@ def test_sr_defaults_drop_image_size_channel_mult_and_attention_order():
 def test_free_defaults_are_a_class_conditional_model_with_num_classes():
     d = su.free_model_and_diffusion_defaults()
     assert d["num_classes"] == 10 and d["class_cond"] is True
-    assert set(su.model_and_diffusion_defaults()) | {"num_classes"} == set(d)
+    assert set(su.model_and_diffusion_defaults()) == set(d)
 
 
 @pytest.mark.parametrize("text,value", [("yes", True), ("TRUE", True), ("t", True), ("Y", True), ("1", True),
@@ -220,7 +223,7 @@ def test_create_gaussian_diffusion_respaces():
 def test_create_model_and_diffusion_builds_the_fixture_model_that_loads_its_checkpoint():
     with open(os.path.join(FIXTURES, "unet64_cond_flags.json")) as f:
         flags = json.load(f)
-    assert set(flags) == set(su.model_and_diffusion_defaults())
+    assert set(flags) | {"num_classes"} == set(su.model_and_diffusion_defaults())
     model, diffusion = su.create_model_and_diffusion(**flags)
     assert isinstance(model, UNetModel) and isinstance(diffusion, SpacedDiffusion)
     state_dicts.load_state_dict_strict(model, checkpoint.load_file(os.path.join(FIXTURES, "unet64_cond.pt")))
@@ -246,3 +249,18 @@ def test_classifier_and_diffusion_factory_builds_both():
                num_res_blocks=1, attention_resolutions="8", diffusion_steps=100)
     )
     assert isinstance(model, SuperResModel) and sr_diffusion.num_timesteps == 100
+
+
+def test_num_classes_sets_the_label_table_and_the_classifier_output():
+    flags = dict(su.model_and_diffusion_defaults(), image_size=32, num_channels=32, num_res_blocks=1,
+                 attention_resolutions="8", class_cond=True, num_classes=3)
+    model, _ = su.create_model_and_diffusion(**flags)
+    assert tuple(model.label_emb.weight.shape) == (3, 128)
+    cflags = dict(su.classifier_and_diffusion_defaults(), image_size=32, classifier_width=32, classifier_depth=1,
+                  classifier_attention_resolutions="8", num_classes=5)
+    classifier, _ = su.create_classifier_and_diffusion(**cflags)
+    assert tuple(classifier.out[2].c_proj.weight.shape)[0] == 5
+    sr_flags = dict(su.sr_model_and_diffusion_defaults(), large_size=64, small_size=32, num_channels=32,
+                    num_res_blocks=1, attention_resolutions="8", class_cond=True, num_classes=4)
+    sr_model, _ = su.sr_create_model_and_diffusion(**sr_flags)
+    assert tuple(sr_model.label_emb.weight.shape) == (4, 128)
