@@ -23,6 +23,7 @@ import jittor as jt
 from guided_diffusion import checkpoint as gd_checkpoint
 from guided_diffusion import state_dicts as gd_state_dicts
 from guided_diffusion import dist_util
+from guided_diffusion.class_labels import ClassListing, class_count_problem, find_classes
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
 from guided_diffusion.fp16_util import sums_of_squares
 from guided_diffusion.sampling import SAMPLERS
@@ -263,25 +264,28 @@ def images_to_uint8_grid(x: jt.Var) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def list_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
-    """torchvision ImageFolder's view of root: (files, labels, class names), classes = sorted sub-folders."""
+def list_image_folder(root: str, class_from: str = "auto", num_classes: Optional[int] = None) -> ClassListing:
+    """The images of --data-path in torchvision ImageFolder's order (each sorted sub-folder walked in turn; images
+    directly in root, which ImageFolder ignores, first) with their classes by the rule every training script uses
+    (class_labels.find_classes, --class-from: the sub-folders, as ImageFolder, for one sub-folder per class). The
+    listing unpacks as (files, labels, class names); more classes than num_classes raise a DataError."""
     if not os.path.isdir(root):
         raise DataError("--data-path %r is not a directory: give the ImageNet train folder (one sub-folder per class)"
                         % root)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise DataError("--data-path %r has no class sub-folders: images must be in root/<class>/<image> as for "
-                        "torchvision's ImageFolder" % root)
-    files, labels = [], []
-    for idx, name in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            for fname in sorted(names):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(dirpath, fname))
-                    labels.append(idx)
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    files = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    for folder in (e for e in entries if e.is_dir()):
+        for dirpath, _, names in sorted(os.walk(folder.path, followlinks=True)):
+            files.extend(os.path.join(dirpath, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise DataError("--data-path %r has class folders but no images (%s)" % (root, ", ".join(IMAGE_EXTENSIONS)))
-    return files, labels, classes
+        raise DataError("--data-path %r holds no images (%s): images must be in root/<class>/<image> as for "
+                        "torchvision's ImageFolder" % (root, ", ".join(IMAGE_EXTENSIONS)))
+    listing = find_classes(root, files, class_from, flag="--class-from", data_flag="--data-path")
+    problem = class_count_problem(listing.num_classes, num_classes, "--data-path %s" % root, "--num-classes") \
+        if num_classes is not None else None
+    if problem:
+        raise DataError(problem)
+    return listing
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--features-path", type=str, required=True,
                         help="output folder (train.py --feature-path reads it); rerun to resume")
     parser.add_argument("--image-size", type=int, default=256, help="image size in pixels, as train.py's")
+    features.add_class_flag(parser)
     dit_util.add_vae_flags(parser, default_vae="ema")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per VAE pass and process (each with its mirror: the VAE sees twice as many)")
@@ -52,13 +53,15 @@ def main() -> None:
                                ("--max-shards", args.max_shards, 0)):
         if value < least:
             check.problem("%s must be at least %d (got %d)" % (flag, least, value))
-    listing = check(dit_util.list_image_folder, args.data_path)
+    listing = check(dit_util.list_image_folder, args.data_path, args.class_from)
     if os.path.exists(args.features_path) and not os.path.isdir(args.features_path):
         check.problem("--features-path %s is a file: give a folder" % args.features_path)
     dit_util.check_vae_inputs(check, args)
     check.done()
 
     files, labels, classes = listing
+    if rank == 0 and listing.notice:
+        print("note: " + listing.notice)
     vae = dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
     latent_shape = (vae.config["latent_channels"], latent_size, latent_size)

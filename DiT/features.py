@@ -35,6 +35,7 @@ import jittor as jt
 
 from guided_diffusion import dist_util
 from guided_diffusion.checkpoint import atomic_write
+from guided_diffusion.class_labels import CLASS_RULES, ClassListing, summary_lines, write_classes
 from guided_diffusion.errors import DataError, InputCheck
 from guided_diffusion.image_datasets import ImageDataset, UnreadableImage
 
@@ -343,6 +344,33 @@ def latents_from_moments(moments: np.ndarray) -> jt.Var:
     m = jt.array(moments)
     mean, std = m[:, 0], m[:, 1]
     return ((mean + std * jt.randn(mean.shape, dtype=mean.dtype)) * dit_util.LATENT_SCALE).detach()
+
+
+def add_class_flag(parser: argparse.ArgumentParser) -> None:
+    """--class-from: where an image's class comes from (class_labels.find_classes)."""
+    parser.add_argument("--class-from", type=str, choices=CLASS_RULES, default="auto",
+                        help="class of an image: folder (its sub-folder of --data-path, as ImageFolder), filename "
+                             "(the file-name prefix before '_', guided-diffusion's rule) or auto (folder when every "
+                             "image lies in one of two or more sub-folders, else filename; named at start-up when "
+                             "the two differ)")
+
+
+def record_classes(folder: Optional[str], log: Callable[[str], None], data: Any,
+                   num_classes: Optional[int] = None) -> None:
+    """Log the class count, rule and images per class of a run's data (a ClassListing, or a FeatureDataset: the
+    classes its extraction listed) and write classes.json into the run's folder (rank 0: folder given)."""
+    if isinstance(data, ClassListing):
+        listing = data
+        if listing.notice:
+            log("note: " + listing.notice)
+    else:
+        counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=len(data.classes))
+        listing = ClassListing([], [], list(data.classes), "the feature folder's index",
+                               counts={n: int(c) for n, c in zip(data.classes, counts)})
+    for line in summary_lines(listing, num_classes, flag="--num-classes"):
+        log(line)
+    if folder:
+        log("class list (index = label id): %s" % write_classes(folder, listing.class_names))
 
 
 def training_data(args: argparse.Namespace, listing: Optional[Tuple[List[str], List[int], List[str]]]):

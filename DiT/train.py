@@ -50,6 +50,7 @@ def create_argparser() -> argparse.ArgumentParser:
                         help="image size in pixels: 256 or 512 as released (any multiple of the VAE's "
                              "downsampling factor, e.g. for small CPU experiments)")
     parser.add_argument("--num-classes", type=int, default=1000, help="number of label classes of the model")
+    features.add_class_flag(parser)
     parser.add_argument("--epochs", type=int, default=1400, help="passes over the data set")
     parser.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=int, default=256,
                         help="images per step over all processes")
@@ -84,7 +85,8 @@ def main() -> None:
         check.problem("give either --data-path (images) or --feature-path (features from extract_features.py)")
     elif args.feature_path:
         features.check_feature_inputs(check, args)
-    listing = check(dit_util.list_image_folder, args.data_path) if args.data_path else None
+    listing = check(dit_util.list_image_folder, args.data_path, args.class_from, args.num_classes) \
+        if args.data_path else None
     dit_util.check_inputs(check, args, vae=not args.feature_path)
     resume = args.resume or dit_util.find_run_to_continue(args)  # rerunning a command continues its run
 
@@ -113,6 +115,7 @@ def main() -> None:
     logger.info("DiT Parameters: {:,}".format(sum(p.numel() for p in model.parameters())))
     logger.info("Dataset contains {:,} images ({}) in {} classes".format(
         len(dataset), args.feature_path or args.data_path, num_classes))
+    features.record_classes(experiment_dir, logger.info, listing or dataset, args.num_classes)
 
     model.train()  # important! This enables embedding dropout for classifier-free guidance
     ema.eval()  # EMA model should always be in eval mode

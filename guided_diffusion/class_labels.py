@@ -47,6 +47,10 @@ class ClassListing:
         """The number of classes found."""
         return len(self.class_names)
 
+    def __iter__(self):
+        """Unpacks as (files, labels, class names), the triple of DiT's ImageFolder listing."""
+        return iter((self.files, self.labels, self.class_names))
+
 
 def filename_class(path: str) -> str:
     """The reference's class of a file: its name's part before the first "_" (the whole name when it has none)."""

@@ -270,3 +270,35 @@ def test_the_scripts_accept_the_new_flags():
     assert args.feature_path == "f" and args.grad_checkpoint and args.data_path is None
     args = extract_features.create_argparser().parse_args(["--data-path", "d", "--features-path", "f"])
     assert (args.batch_size, args.shard_size, args.max_shards, args.image_size) == (32, 1024, 0, 256)
+
+
+def test_dit_listing_keeps_imagefolder_order_and_labels_for_class_subfolders(tmp_path):
+    root = tmp_path / "data"
+    for rel in ("dog/b/IMG_3.png", "dog/IMG_2.png", "cat/IMG_1.png", "cat/z.webp"):
+        os.makedirs(os.path.dirname(str(root / rel)), exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(str(root / rel))
+    files, labels, classes = listing = dit_util.list_image_folder(str(root))
+    # torchvision ImageFolder: sorted classes, each class folder walked (os.walk, sorted), its extensions
+    assert [os.path.relpath(f, str(root)) for f in files] == ["cat/IMG_1.png", "cat/z.webp", "dog/IMG_2.png",
+                                                              "dog/b/IMG_3.png"]
+    assert labels == [0, 0, 1, 1] and classes == ["cat", "dog"]
+    assert "--class-from filename" in listing.notice
+    with pytest.raises(guided_diffusion.errors.DataError, match="more than --num-classes 1: pass --num-classes 2"):
+        dit_util.list_image_folder(str(root), num_classes=1)
+
+
+def test_dit_listing_of_a_flat_folder_takes_the_file_name_prefix(tmp_path):
+    for name in ("b_1.png", "a_2.png", "a_3.png"):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(str(tmp_path / name))
+    files, labels, classes = dit_util.list_image_folder(str(tmp_path))
+    assert classes == ["a", "b"] and labels == [0, 0, 1]
+
+
+def test_record_classes_writes_classes_json_and_logs_images_per_class(tmp_path):
+    listing = dit_util.list_image_folder(_image_folder(str(tmp_path / "data"), per_class=3))
+    lines = []
+    features.record_classes(str(tmp_path), lines.append, listing, num_classes=4)
+    assert (tmp_path / "classes.json").read_text().split() == ['[', '"cat",', '"dog"', ']']
+    assert "6 images in 2 classes (from sub-folders)" in lines
+    assert "images per class: cat: 3, dog: 3" in lines
+    assert any("--num-classes 4 label rows; the data uses the first 2" in line for line in lines)
