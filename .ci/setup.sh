@@ -5,7 +5,8 @@
 #     which is keyed on the interpreter path, survives fresh clones); `.venv` links to it.
 #  3. Python requirements, the package itself (editable), the evaluator's requirements.
 #  4. Debian's oneDNN wired into Jittor's cache in place of the download that fails offline.
-#  5. A warm-up import that fails loudly when oneDNN was not picked up.
+#  5. Jittor patched for concurrent and interrupted kernel compiles (.ci/patch_jittor.py).
+#  6. A warm-up import that fails loudly when oneDNN was not picked up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -57,6 +58,10 @@ fi
 D="${JITTOR_HOME:-$HOME}/.cache/jittor/mkl/dnnl_lnx_2.2.0_cpu_gomp"
 mkdir -p "$D/lib" "$D/include"
 ln -sfn /usr/lib/x86_64-linux-gnu/libdnnl.so.2 "$D/lib/libmkldnn.so"
+
+# Kernel compiles safe against concurrent compiles of one kernel (threads, ranks, runs) and kills: a small patch to
+# the installed Jittor's src/jit_compiler.cc (the next import rebuilds the changed file of Jittor's core).
+"$VPY" .ci/patch_jittor.py
 
 say "warm-up import (the first one compiles Jittor's core: a few minutes)"
 "$VPY" - <<'PY'

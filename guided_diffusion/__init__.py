@@ -62,11 +62,40 @@ def _check_onednn() -> None:
         raise SystemExit(2)
 
 
+# The marker .ci/patch_jittor.py writes into Jittor's src/jit_compiler.cc (`make setup` applies it).
+_COMPILE_LOCK_MARKER = "guided-diffusion-jittor: per-kernel compile lock"
+
+
+def _guard_kernel_compiles() -> None:
+    """Without the compile-lock patch, two threads of Jittor's parallel op compiler can build one kernel at once and
+    garble it (.ci/patch_jittor.py says how): compile one kernel at a time instead, and say how to fix it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("jittor")
+    if spec is None or not spec.origin:
+        return
+    source = os.path.join(os.path.dirname(spec.origin), "src", "jit_compiler.cc")
+    try:
+        with open(source) as f:
+            patched = _COMPILE_LOCK_MARKER in f.read()
+    except OSError:
+        return
+    if patched or "use_parallel_op_compiler" in os.environ:
+        return
+    os.environ["use_parallel_op_compiler"] = "0"
+    sys.stderr.write(
+        "guided_diffusion: Jittor at %s lacks the compile-lock patch, so kernels are compiled one at a time "
+        "(slower first runs). Run `make setup` (or `python .ci/patch_jittor.py`) to patch it.\n"
+        % os.path.dirname(spec.origin))
+
+
 def _prepare_jittor_environment() -> None:
-    """Set Jittor's environment variables (CUDA off where no GPU is present) and check oneDNN."""
+    """Set Jittor's environment variables (CUDA off where no GPU is present, safe kernel compiles) and check
+    oneDNN."""
     if not _has_nvidia_gpu():
         os.environ["nvcc_path"] = ""
     _check_onednn()
+    _guard_kernel_compiles()
 
 
 os.environ.setdefault("log_silent", "1")  # Jittor info lines; our strict loader makes its warnings unnecessary

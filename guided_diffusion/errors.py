@@ -55,13 +55,36 @@ class InputCheck:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry script's main(), reporting UserErrors as `error: ...` with exit status 2."""
+    """Run an entry script's main(), reporting UserErrors as `error: ...` with exit status 2.
+
+    Under mpirun a rank that fails (any exception, a UserError, an exit status other than the coordinated ones,
+    a crash by signal) ends every rank of the job with one line naming it (`job_failure`), instead of leaving the
+    other ranks waiting in a collective.
+    """
+    from . import job_failure
+
+    in_job = job_failure.in_multi_rank_job()
+    if in_job:
+        import jittor  # noqa: F401  (Jittor installs its crash handler at import; ours replaces it)
+        job_failure.die_by_fatal_signals()
     try:
         main()
     except UserError as exc:
+        if in_job:
+            job_failure.fail_rank(str(exc), 2)
         sys.stderr.write("error: %s\n" % exc)
         sys.stderr.flush()
         raise SystemExit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if in_job:
+            job_failure.fail_rank("interrupted", 130)
         sys.stderr.write("interrupted\n")
         raise SystemExit(130)
+    except SystemExit as exc:
+        code = job_failure.exit_code_of(exc)
+        if in_job and code not in job_failure.COORDINATED_EXIT_CODES:
+            job_failure.fail_rank(exc.code if isinstance(exc.code, str) else "", code)
+        raise
+    except BaseException as exc:
+        job_failure.handle_uncaught(exc)
+        raise
