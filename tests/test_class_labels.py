@@ -158,3 +158,18 @@ def test_classes_json_round_trips_and_is_found_beside_a_checkpoint(tmp_path):
     (tmp_path / "classes.json").write_text('{"a": 1}')
     with pytest.raises(UserError, match="not a JSON list"):
         class_labels.read_classes(found)
+
+
+def test_image_train_with_more_classes_than_num_classes_stops_before_building_with_the_fix(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _touch_images(tmp_path / "data", ["cat/a.png", "dog/b.png", "fox/c.png"])
+    env = dict(os.environ, OPENAI_LOGDIR=str(tmp_path / "log"))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "image_train.py"), "--data_dir", str(tmp_path / "data"),
+                           "--class_cond", "True", "--num_classes", "2", "--image_size", "32"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "has 3 classes, more than --num_classes 2: pass --num_classes 3" in proc.stderr
+    assert not (tmp_path / "log").exists()  # nothing was started
