@@ -16,6 +16,7 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
 from guided_diffusion.train_util import (
+    TRAINING_CORE_DEFAULTS,
     check_training_flags,
     classifier_train_loop_from_args,
     seeded_initialisation,
@@ -91,6 +92,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(classifier_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)

@@ -15,7 +15,12 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
-from guided_diffusion.train_util import check_training_flags, seeded_initialisation, train_loop_from_args
+from guided_diffusion.train_util import (
+    TRAINING_CORE_DEFAULTS,
+    check_training_flags,
+    seeded_initialisation,
+    train_loop_from_args,
+)
 
 
 def main() -> None:
@@ -70,6 +75,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)

@@ -112,6 +112,11 @@ TRAINING_FLAG_HELP: Dict[str, str] = {
     "use_fp16": "mixed precision with dynamic loss scaling (CUDA only; on the CPU the model stays float32)",
     "classifier_use_fp16": "mixed precision with dynamic loss scaling (CUDA only)",
     "timestep_respacing": "respacing of the diffusion steps (usually '' for training)",
+    "ema_std": "post-hoc EMA: comma-separated relative standard deviations in (0, 0.28] (e.g. 0.05,0.1), one "
+               "power-function EMA each (EDM2), saved as phema_<std>_<step>.pt with every checkpoint set; "
+               "scripts/reconstruct_ema.py then makes the EMA of any std. Empty: off",
+    "max_steps": "end the run after this many optimizer steps (counted across resumes) with a complete checkpoint "
+                 "set, without changing the lr schedule; 0: no limit (with --lr_anneal_steps the earlier wins)",
 }
 
 

@@ -1,6 +1,7 @@
 """
-The diffusion training loop (the reference's TrainLoop): microbatches, EMA, fp16 loss scaling, AdamW, logging,
-checkpoints and exact resumption.
+The ADM trainers (the reference's TrainLoop and ClassifierTrainLoop) as step functions on the training core
+(guided_diffusion/training): microbatches, fp16 loss scaling and the diffusion or classification loss are here;
+seeding, EMAs, the run guard, checkpoint sets and resumption are the core's.
 
 Differences from the reference, on purpose:
 
@@ -13,117 +14,30 @@ Differences from the reference, on purpose:
   are restored from the checkpoint files, so a resumed run continues exactly like an uninterrupted one.
 * Optimizer files (``opt%06d.pt``) hold a torch-style AdamW state dict ({"state": {i: {"step", "exp_avg",
   "exp_avg_sq"}}, "param_groups": [...]}).
+* ``ema_std`` (off by default) adds EDM2's power-function EMAs, saved as ``phema_<std>_%06d.pt`` with every set
+  (scripts/reconstruct_ema.py turns them into the EMA of any std afterwards).
 """
 
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jittor as jt
 import numpy as np
-from tqdm import tqdm
 
-from . import checkpoint_sets, cpu, dist_util, logger, seeding, state_dicts
-from .errors import CheckpointError, InputCheck, UserError
-from .fp16_util import MixedPrecisionTrainer, sums_of_squares
-from .nn import update_ema
+from . import dist_util, logger, state_dicts
+from .errors import CheckpointError, InputCheck
+from .fp16_util import MixedPrecisionTrainer
 from .resample import LossAwareSampler, UniformSampler
 from .run_guard import RunGuard
-
-# For ImageNet experiments, this was a good default value.
-# We found that the lg_loss_scale quickly climbed to
-# 20-21 within the first ~1K steps of training.
-INITIAL_LOG_LOSS_SCALE = 20.0
-
-
-class AdamW(jt.optim.AdamW):
-    """Jittor's AdamW (decoupled weight decay, as torch's) stepped once per call with explicit gradients, with a
-    torch-style state dict so that optimizer checkpoints restore exactly."""
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(list(params), lr, eps=eps, betas=tuple(betas), weight_decay=weight_decay)
-        for pg in self.param_groups:
-            pg.setdefault("lr", lr)
-
-    def step_with_grads(self, params: Sequence[jt.Var], grads: Sequence[jt.Var]) -> None:
-        """One AdamW update with the given gradients (aligned with params)."""
-        by_id = {id(p): g for p, g in zip(params, grads)}
-        for pg in self.param_groups:
-            pg["grads"] = [by_id[id(p)] if id(p) in by_id else jt.zeros_like(p) for p in pg["params"]]
-        self.n_step += 1  # the bias-correction step count (Jittor counts backward() calls instead)
-        tensors = [v for pg in self.param_groups for v in pg["params"] + pg["grads"]]
-        if cpu.fast_cpu_path(*tensors):
-            cpu.adamw_step(self.param_groups, self.n_step, dict(lr=self.lr, betas=self.betas, eps=self.eps,
-                                                                weight_decay=self.weight_decay))
-            return
-        jt.optim.AdamW.step(self)
-
-    def state_dict(self) -> Dict[str, Any]:
-        """{"state": per-parameter moments and step, "param_groups": hyper-parameters}, as torch's AdamW."""
-        state: Dict[int, Dict[str, Any]] = {}
-        groups = []
-        index = 0
-        for pg in self.param_groups:
-            ids = []
-            for p, m, v in zip(pg["params"], pg["m"], pg["values"]):
-                if self.n_step > 0:
-                    state[index] = {
-                        "step": np.array(float(self.n_step), dtype=np.float32),
-                        "exp_avg": np.array(m.numpy(), copy=True),
-                        "exp_avg_sq": np.array(v.numpy(), copy=True),
-                    }
-                ids.append(index)
-                index += 1
-            groups.append({
-                "lr": float(pg.get("lr", self.lr)),
-                "betas": tuple(float(b) for b in pg.get("betas", self.betas)),
-                "eps": float(pg.get("eps", self.eps)),
-                "weight_decay": float(pg.get("weight_decay", self.weight_decay)),
-                "amsgrad": False,
-                "maximize": False,
-                "foreach": None,
-                "capturable": False,
-                "differentiable": False,
-                "fused": None,
-                "params": ids,
-            })
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], source: str = "optimizer checkpoint") -> None:
-        """Restore moments, step count and hyper-parameters; a layout that does not fit raises CheckpointError."""
-        try:
-            groups = list(state_dict["param_groups"])
-            state = state_dict["state"]
-        except (KeyError, TypeError):
-            raise CheckpointError("%s is not an AdamW state dict: delete it or resume without it" % source)
-        if len(groups) != len(self.param_groups) or any(
-            len(g["params"]) != len(pg["params"]) for g, pg in zip(groups, self.param_groups)
-        ):
-            raise CheckpointError(
-                "%s has %s parameters, the optimizer %s: it belongs to another model (or to a run with another "
-                "--use_fp16 setting, whose optimizer holds flattened parameters)"
-                % (source, [len(g["params"]) for g in groups], [len(pg["params"]) for pg in self.param_groups])
-            )
-        n_step = 0
-        for g, pg in zip(groups, self.param_groups):
-            for i, (key, p) in enumerate(zip(g["params"], pg["params"])):
-                s = state.get(key, state.get(str(key)))
-                if s is None:
-                    continue
-                m, v = np.asarray(s["exp_avg"]), np.asarray(s["exp_avg_sq"])
-                if tuple(m.shape) != tuple(p.shape) or tuple(v.shape) != tuple(p.shape):
-                    raise CheckpointError("%s: state of parameter %d has shape %s, the parameter %s: it belongs "
-                                          "to another model" % (source, key, m.shape, tuple(p.shape)))
-                pg["m"][i] = jt.array(m.astype(np.float32)).stop_grad()
-                pg["values"][i] = jt.array(v.astype(np.float32)).stop_grad()
-                n_step = int(round(float(np.asarray(s["step"]).reshape(-1)[0])))
-            for k in ("lr", "eps", "weight_decay"):
-                if k in g:
-                    pg[k] = float(g[k])
-            if "betas" in g:
-                pg["betas"] = tuple(float(b) for b in g["betas"])
-        self.n_step = n_step
+from .training.checkpoints import ADMLayout, CheckpointIO, save_on_main_process  # noqa: F401 (public here)
+from .training.ema import EMA, MultiRateEMA, PowerFunctionEMA, ema_rate_name, ema_std_name, parse_ema_rates, \
+    parse_ema_stds
+from .training.loop import StepOutcome, TrainingLoop, seed_initialisation, stop_step
+from .training.loop import seed_training_step  # noqa: F401 (public here, as before)
+from .training.optim import AdamW, linear_anneal_lr as set_annealed_lr  # noqa: F401 (the reference's names)
+from .training.phema import MAX_STD
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -135,16 +49,6 @@ def _to_var(x, dtype: Optional[str] = None) -> jt.Var:
     return v.cast(dtype) if dtype is not None and v.dtype != dtype else v
 
 
-# The first key of each random stream of a training run (seeding.derive_seed keys).
-_INIT_STREAM, _STEP_STREAM = 0, 1
-
-
-def seed_training_step(seed: int, step: int) -> None:
-    """Seed Python, numpy and Jittor for training step `step` on this rank, so its draws (timesteps, noise,
-    dropout) depend on (seed, step, rank) alone: the same after a resume, different on every rank and step."""
-    seeding.seed_all(_STEP_STREAM, seed, step, dist_util.get_rank())
-
-
 @contextlib.contextmanager
 def seeded_initialisation(seed: int):
     """Build models inside this block: their random initial weights then depend on `seed` alone (on every rank).
@@ -152,7 +56,7 @@ def seeded_initialisation(seed: int):
     Jittor draws random numbers when an op executes, so the new model's initial values are drawn before the block
     ends.
     """
-    seeding.seed_all(_INIT_STREAM, seed)
+    seed_initialisation(seed)
     yield
     jt.sync_all()
 
@@ -179,6 +83,14 @@ def check_training_flags(check: InputCheck, args) -> None:
         if not rates or not all(0.0 <= r < 1.0 for r in rates):
             check.problem("--ema_rate %r must be comma-separated rates in [0, 1), e.g. 0.9999 or 0.9999,0.999"
                           % (args.ema_rate,))
+    if hasattr(args, "ema_std"):
+        try:
+            parse_ema_stds(args.ema_std)
+        except ValueError as exc:
+            check.problem("--ema_std %r must be comma-separated relative stds in (0, %g], e.g. 0.05,0.1 (%s)"
+                          % (args.ema_std, MAX_STD, exc))
+    if getattr(args, "max_steps", 0) < 0:
+        check.problem("--max_steps must be 0 (no limit) or positive (got %d)" % args.max_steps)
     if getattr(args, "schedule_sampler", "uniform") not in SCHEDULE_SAMPLERS:
         check.problem("unknown --schedule_sampler %r: use %s" % (args.schedule_sampler, " or ".join(SCHEDULE_SAMPLERS)))
     if getattr(args, "resume_checkpoint", ""):
@@ -192,21 +104,96 @@ def check_resume_checkpoint(path: str) -> None:
                               "written by a previous run" % path)
 
 
-def parse_ema_rates(ema_rate: Union[float, str, Sequence[float]]) -> List[float]:
-    """ "0.9999,0.999" -> [0.9999, 0.999] (a float becomes a one-element list)."""
-    if isinstance(ema_rate, (float, int)):
-        return [float(ema_rate)]
-    if isinstance(ema_rate, str):
-        return [float(x) for x in ema_rate.split(",") if x.strip()]
-    return [float(x) for x in ema_rate]
-
-
 def batch_to_vars(batch, cond: Mapping[str, Any]):
     """Numpy batches from the data loaders as Jittor Vars (labels become int32)."""
     return _to_var(batch, "float32"), {k: _to_var(v) for k, v in cond.items()}
 
 
-class TrainLoop:
+class _ADMRun:
+    """What both ADM trainers share: the model and its MixedPrecisionTrainer, AdamW, the averages, the checkpoint
+    sets in the log dir (ADM layout) and resumption from them."""
+
+    def _set_up(self, *, model, resume_checkpoint: str, ema_rates: Sequence[float], ema_stds: Sequence[float],
+                released_notice: bool, log_step: bool, use_fp16: bool, lr: float, weight_decay: float,
+                **mp_flags) -> None:
+        """Resume the model (--resume_checkpoint, else the newest whole set in the log dir), build the trainer,
+        the optimizer and the averages, then restore the rest of the set."""
+        self.model = model
+        names = [ema_rate_name(r) for r in ema_rates] + [ema_std_name(s) for s in ema_stds]
+        self.guard = RunGuard(log=logger.log)
+        self.checkpoints = CheckpointIO(get_blob_logdir(), ADMLayout(names), self.guard, log=logger.log)
+        self.resume_checkpoint, self.resume_step = self._load_and_sync_parameters(
+            resume_checkpoint, released_notice, log_step)
+        self.guard.last_checkpoint = self.resume_checkpoint or None
+        self.mp_trainer = MixedPrecisionTrainer(model=model, use_fp16=use_fp16, **mp_flags)
+        self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        params = self.mp_trainer.master_params
+        self.emas: List[EMA] = ([MultiRateEMA(params, ema_rates)] if ema_rates else []) + (
+            [PowerFunctionEMA(params, ema_stds)] if ema_stds else [])
+        if self.resume_step:
+            self._restore_set()
+            if hasattr(self.data, "seek"):
+                self.data.seek(self.resume_step)
+
+    def _load_and_sync_parameters(self, resume_checkpoint: str, released_notice: bool,
+                                  log_step: bool) -> Tuple[str, int]:
+        """Load --resume_checkpoint, else the newest whole set in the log dir (a rerun continues); return it and
+        its step."""
+        found = resume_checkpoint or (self.checkpoints.newest() or ("", 0))[0]
+        if found and not resume_checkpoint:
+            logger.log(f"continuing the run in {get_blob_logdir()} from its newest complete checkpoint set: "
+                       f"{os.path.basename(found)} (pass --resume_checkpoint to choose another)")
+        step = 0
+        if found:
+            check_resume_checkpoint(found)
+            if parse_resume_step_from_filename(found):
+                self.checkpoints.check_complete(found, parse_resume_step_from_filename(found))
+            step = load_resume_checkpoint(self.model, found, log_step=log_step)
+            if not step and released_notice:
+                logger.log(f"notice: {found} is not a modelNNNNNN.pt of a run (e.g. a released checkpoint): "
+                           f"training starts from its weights at step 0, with the EMA starting from them and a "
+                           f"fresh optimizer")
+        dist_util.sync_params(self.model.parameters())
+        return found or "", step
+
+    def _restore_set(self) -> None:
+        """The optimizer (and fp16 loss scale) and every average of the set resumed from."""
+        states = self.checkpoints.read(self.resume_checkpoint, self.resume_step)
+        opt_path = os.path.join(os.path.dirname(self.resume_checkpoint), ADMLayout.opt_name(self.resume_step))
+        self.opt.load_state_dict(states["opt"], source=opt_path)
+        if "lg_loss_scale" in states["opt"]:  # the fp16 loss scale, so that a resumed fp16 run continues exactly
+            self.mp_trainer.lg_loss_scale = float(np.asarray(states["opt"]["lg_loss_scale"]).reshape(-1)[0])
+        for ema in self.emas:
+            for name in ema.names:
+                values = [p.stop_grad() for p in self.mp_trainer.state_dict_to_master_params(
+                    states[name], source=os.path.join(os.path.dirname(self.resume_checkpoint), name))]
+                dist_util.sync_params(values)
+                ema.load(name, values)
+
+    def _optimizer_vars(self) -> List[jt.Var]:
+        return [v for pg in self.opt.param_groups for v in pg["m"] + pg["values"]]
+
+    def _checkpoint_states(self) -> Dict[str, Any]:
+        """Numpy copies of every state of a set (rank 0): the averages, the optimizer, the model."""
+        states = {name: self.mp_trainer.master_params_to_state_dict(values)
+                  for ema in self.emas for name, values in ema.state().items()}
+        states["opt"] = self.opt.state_dict()
+        if self.mp_trainer.use_fp16:
+            states["opt"]["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
+        states["model"] = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+        return states
+
+    def _save_set(self, step: int) -> Optional[str]:
+        """Write the set at `step` (averages, optNNNNNN.pt, modelNNNNNN.pt) into the log dir; returns the model file.
+        Weights that went non-finite are never written."""
+        weights = list(self.mp_trainer.master_params) + [v for ema in self.emas for v in ema.vars()]
+        return self.checkpoints.save(step, self._checkpoint_states, weights)
+
+    def _outcome(self, took: bool, losses: Mapping[str, Any]) -> StepOutcome:
+        return StepOutcome(took, losses, self.mp_trainer.lg_loss_scale if self.mp_trainer.use_fp16 else None)
+
+
+class TrainLoop(_ADMRun):
     """Trains a diffusion model: see the module docstring for checkpoints and resumption."""
 
     def __init__(
@@ -228,144 +215,68 @@ class TrainLoop:
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         seed: int = 0,
+        ema_std="",
+        max_steps: int = 0,
     ):
-        self.model = model
         self.diffusion = diffusion
         self.data = data
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
         self.ema_rate = parse_ema_rates(ema_rate)
+        self.ema_std = parse_ema_stds(ema_std)
         self.log_interval = log_interval
         self.save_interval = save_interval
-        self.resume_checkpoint = resume_checkpoint
         self.use_fp16 = use_fp16
         self.fp16_scale_growth = fp16_scale_growth
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
         self.seed = seed
-
         self.step = 0
-        self.resume_step = 0
         self.global_batch = self.batch_size * dist_util.get_world_size()
-
-        self.resumed_from = self._load_and_sync_parameters()
-        self.guard = RunGuard(log=logger.log, last_checkpoint=self.resumed_from)
-        self.mp_trainer = MixedPrecisionTrainer(
-            model=self.model,
-            use_fp16=self.use_fp16,
-            fp16_scale_growth=fp16_scale_growth,
-        )
-
-        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
         self._step_losses: Dict[str, List[float]] = {}
-        if self.resume_step:
-            self._load_optimizer_state()
-            # Model was resumed, either due to a restart or a checkpoint being specified at the command line.
-            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
-            if hasattr(self.data, "seek"):
-                self.data.seek(self.resume_step)
-        else:
-            self.ema_params = [self._copy_params(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))]
+        self._set_up(model=model, resume_checkpoint=resume_checkpoint, ema_rates=self.ema_rate,
+                     ema_stds=self.ema_std, released_notice=True, log_step=False, use_fp16=use_fp16, lr=lr,
+                     weight_decay=weight_decay, fp16_scale_growth=fp16_scale_growth)
+        self.resumed_from = self.resume_checkpoint or None
+        self.loop = TrainingLoop(
+            seed=seed, guard=self.guard, emas=self.emas, params=lambda: self.mp_trainer.master_params,
+            sync_vars=lambda: (list(self.mp_trainer.master_params) + list(self.mp_trainer.model_params)
+                               + self._optimizer_vars()),
+            save=self._save_set, save_interval=save_interval,
+            stop_at=stop_step(lr_anneal_steps or None, max_steps),
+            log=lambda step, outcome: self._log(step), progress="training",
+            # Run for a finite amount of time in integration tests (the reference's hook).
+            on_save=[lambda step, path: bool(os.environ.get("DIFFUSION_TRAINING_TEST", ""))])
 
-
-    @staticmethod
-    def _copy_params(params: Sequence[jt.Var]) -> List[jt.Var]:
-        return [jt.array(np.array(p.numpy(), copy=True)).stop_grad() for p in params]
-
-    def _load_and_sync_parameters(self) -> Optional[str]:
-        """Load --resume_checkpoint, else the newest whole set in the log dir (a rerun continues); return it."""
-        resume_checkpoint = self.resume_checkpoint or find_resume_checkpoint(get_blob_logdir(), self.ema_rate)
-        if resume_checkpoint and not self.resume_checkpoint:
-            logger.log(f"continuing the run in {get_blob_logdir()} from its newest complete checkpoint set: "
-                       f"{os.path.basename(resume_checkpoint)} (pass --resume_checkpoint to choose another)")
-        if resume_checkpoint:
-            check_resume_checkpoint(resume_checkpoint)
-            step = parse_resume_step_from_filename(resume_checkpoint)
-            if step:
-                checkpoint_sets.check_whole_set(resume_checkpoint, step, self.ema_rate)
-            self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint)
-            if not self.resume_step:
-                logger.log(f"notice: {resume_checkpoint} is not a modelNNNNNN.pt of a run (e.g. a released "
-                           f"checkpoint): training starts from its weights at step 0, with the EMA starting from "
-                           f"them and a fresh optimizer")
-        dist_util.sync_params(self.model.parameters())
-        self.resume_checkpoint = resume_checkpoint or ""
-        return resume_checkpoint
-
-    def _load_ema_parameters(self, rate: float) -> List[jt.Var]:
-        ema_checkpoint = os.path.join(os.path.dirname(self.resume_checkpoint),
-                                      checkpoint_sets.ema_name(rate, self.resume_step))
-        logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
-        state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
-        ema_params = [p.stop_grad() for p in
-                      self.mp_trainer.state_dict_to_master_params(state_dict, source=ema_checkpoint)]
-        dist_util.sync_params(ema_params)
-        return ema_params
-
-    def _load_optimizer_state(self) -> None:
-        opt_checkpoint = os.path.join(os.path.dirname(self.resume_checkpoint),
-                                      checkpoint_sets.opt_name(self.resume_step))
-        logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-        state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
-        self.opt.load_state_dict(state_dict, source=opt_checkpoint)
-        if "lg_loss_scale" in state_dict:  # the fp16 loss scale, so that a resumed fp16 run continues exactly
-            self.mp_trainer.lg_loss_scale = float(np.asarray(state_dict["lg_loss_scale"]).reshape(-1)[0])
+    @property
+    def ema_params(self) -> List[List[jt.Var]]:
+        """The multi-rate EMA's averages, one list of master-parameter Vars per rate (the reference's attribute)."""
+        return self.emas[0].averages if self.ema_rate else []
 
     def run_loop(self) -> None:
-        """Train until lr_anneal_steps (forever when 0), logging and saving at the configured intervals."""
-        progress = tqdm(total=self.lr_anneal_steps or None, initial=self.resume_step, desc="training",
-                        unit="step", disable=not dist_util.is_main_process(), dynamic_ncols=True)
-        with self.guard:
-            while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                progress.update(1)
-                if (self.step + self.resume_step) % self.log_interval == 0:
-                    logger.dumpkvs()
-                self.step += 1
-                done = self.step + self.resume_step
-                stop = self.guard.after_step(done, {k: float(np.mean(v)) for k, v in self._step_losses.items()})
-                if done % self.save_interval == 0 or stop:
-                    path = self.save()
-                    if stop:
-                        progress.close()
-                        self.guard.exit_after_save(done, path)
-                    # Run for a finite amount of time in integration tests.
-                    if os.environ.get("DIFFUSION_TRAINING_TEST", "") and self.step > 0:
-                        progress.close()
-                        return
-        progress.close()
-        # Save the last checkpoint if it wasn't already saved.
-        if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
-            self.save()
+        """Train until lr_anneal_steps (forever when 0) or max_steps, logging and saving at the set intervals."""
+        def step_fn(step: int) -> StepOutcome:
+            batch, cond = next(self.data)
+            return self._optimize(batch, cond, step)
+
+        done = self.loop.run(self.resume_step, step_fn)
+        self.step = done - self.resume_step
 
     def run_step(self, batch, cond) -> None:
         """One optimizer step on a batch (numpy or Vars), seeded from the global step number."""
         step = self.step + self.resume_step
-        seed_training_step(self.seed, step)
-        self.forward_backward(batch, cond)
-        took_step = self.mp_trainer.optimize(self.opt)
-        if took_step:
-            self.guard.took_step()
-            self._update_ema()
-        elif self.mp_trainer.use_fp16:
-            self.guard.skipped_step(step + 1, self.mp_trainer.lg_loss_scale)
-        else:
-            self.guard.nonfinite_gradients(step + 1, {k: float(np.mean(v)) for k, v in self._step_losses.items()})
-        self._anneal_lr()
-        self.log_step()
-        jt.sync(self._state_vars())
+        self.loop.take_step(step, lambda: self._optimize(batch, cond, step))
+        self._log_step(step)
 
-    def _state_vars(self) -> List[jt.Var]:
-        out = list(self.mp_trainer.master_params) + list(self.mp_trainer.model_params)
-        for params in self.ema_params:
-            out.extend(params)
-        for pg in self.opt.param_groups:
-            out.extend(pg["m"])
-            out.extend(pg["values"])
-        return out
+    def _optimize(self, batch, cond, step: int) -> StepOutcome:
+        self.forward_backward(batch, cond)
+        took = self.mp_trainer.optimize(self.opt)
+        if self.lr_anneal_steps:  # the lr of the next step, set after this one (as the reference does)
+            set_annealed_lr(self.opt, self.lr, step / self.lr_anneal_steps)
+        return self._outcome(took, self._step_losses)
 
     def forward_backward(self, batch, cond) -> None:
         """Accumulate the gradients of the weighted diffusion loss over the microbatches of a batch."""
@@ -401,50 +312,27 @@ class TrainLoop:
             for k, v in weighted.items():
                 self._step_losses.setdefault(k, []).append(float(v.numpy().mean()))
 
-    def _update_ema(self) -> None:
-        for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate)
-
-    def _anneal_lr(self) -> None:
-        if not self.lr_anneal_steps:
-            return
-        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        lr = self.lr * (1 - frac_done)
-        for param_group in self.opt.param_groups:
-            param_group["lr"] = lr
+    def _log(self, step: int) -> None:
+        self._log_step(step)
+        if step % self.log_interval == 0:
+            logger.dumpkvs()
 
     def log_step(self) -> None:
-        logger.logkv("step", self.step + self.resume_step)
-        logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+        """Log the step number, the samples seen and the unreadable images skipped."""
+        self._log_step(self.step + self.resume_step)
+
+    def _log_step(self, step: int) -> None:
+        logger.logkv("step", step)
+        logger.logkv("samples", (step + 1) * self.global_batch)
         log_bad_images(self.data)
 
     def save(self) -> Optional[str]:
-        """Write ema_<rate>_N.pt, optN.pt and modelN.pt (N = optimizer steps done) into the log dir (rank 0).
-
-        Weights that went non-finite are never written; the model file comes last (see checkpoint_sets).
-        Returns the model file's path.
-        """
-        step = self.step + self.resume_step
-        tensors = list(self.mp_trainer.master_params) + [p for params in self.ema_params for p in params]
-        self.guard.check_finite_weights(step, sums_of_squares(tensors))
-        files = []
-        if dist_util.is_main_process():
-            # Numpy copies first (Jittor ops run on every rank), then the files.
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                files.append((checkpoint_sets.ema_name(rate, step), self.mp_trainer.master_params_to_state_dict(params)))
-            opt_state = self.opt.state_dict()
-            if self.mp_trainer.use_fp16:
-                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            files.append((checkpoint_sets.opt_name(step), opt_state))
-            files.append((checkpoint_sets.model_name(step),
-                          self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)))
-        path = os.path.join(get_blob_logdir(), checkpoint_sets.model_name(step))
-        save_on_main_process(lambda: checkpoint_sets.write_set(get_blob_logdir(), files, log=logger.log))
-        self.guard.saved(path)
-        return path
+        """Write the set of the current step (ema_<rate>_N.pt, phema_<std>_N.pt, optN.pt, modelN.pt) into the log
+        dir (rank 0); returns the model file's path."""
+        return self._save_set(self.step + self.resume_step)
 
 
-class ClassifierTrainLoop:
+class ClassifierTrainLoop(_ADMRun):
     """Trains a (noise-aware) classifier as the reference's classifier_train.py: cross-entropy on q_sample(x, t)
     inputs (plain inputs when noised is False), optional lr annealing, validation, top-1/top-5 logs, model + opt
     checkpoints (numbered by optimizer steps done, like TrainLoop) and exact resumption."""
@@ -470,8 +358,9 @@ class ClassifierTrainLoop:
         save_interval: int = 10000,
         use_fp16: bool = False,
         seed: int = 0,
+        ema_std="",
+        max_steps: int = 0,
     ):
-        self.model = model
         self.diffusion = diffusion
         self.data = data
         self.val_data = val_data
@@ -486,36 +375,18 @@ class ClassifierTrainLoop:
         self.eval_interval = eval_interval
         self.save_interval = save_interval
         self.seed = seed
-
-        self.resume_step = 0
-        explicit = bool(resume_checkpoint)
-        resume_checkpoint = resume_checkpoint or find_resume_checkpoint(logger.get_dir())
-        if resume_checkpoint and not explicit:
-            logger.log(f"continuing the run in {logger.get_dir()} from its newest complete checkpoint set: "
-                       f"{os.path.basename(resume_checkpoint)} (pass --resume_checkpoint to choose another)")
-        if resume_checkpoint:
-            check_resume_checkpoint(resume_checkpoint)
-            step = parse_resume_step_from_filename(resume_checkpoint)
-            if step:
-                checkpoint_sets.check_whole_set(resume_checkpoint, step, ())
-            self.resume_step = load_resume_checkpoint(self.model, resume_checkpoint, log_step=True)
-        dist_util.sync_params(self.model.parameters())
-        self.guard = RunGuard(log=logger.log, last_checkpoint=resume_checkpoint or None)
-
-        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, initial_lg_loss_scale=16.0)
-        self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
         self._step_losses: Dict[str, float] = {}
-        if self.resume_step:
-            opt_checkpoint = os.path.join(os.path.dirname(resume_checkpoint), checkpoint_sets.opt_name(self.resume_step))
-            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
-            self.opt.load_state_dict(state_dict, source=opt_checkpoint)
-            if "lg_loss_scale" in state_dict:
-                self.mp_trainer.lg_loss_scale = float(np.asarray(state_dict["lg_loss_scale"]).reshape(-1)[0])
-            if hasattr(self.data, "seek"):
-                self.data.seek(self.resume_step)
-            if self.val_data is not None and hasattr(self.val_data, "seek"):
-                self.val_data.seek(-(-self.resume_step // self.eval_interval))
+        self._set_up(model=model, resume_checkpoint=resume_checkpoint, ema_rates=(),
+                     ema_stds=parse_ema_stds(ema_std), released_notice=False, log_step=True, use_fp16=use_fp16,
+                     lr=lr, weight_decay=weight_decay, initial_lg_loss_scale=16.0)
+        if self.resume_step and self.val_data is not None and hasattr(self.val_data, "seek"):
+            self.val_data.seek(-(-self.resume_step // self.eval_interval))
+        self.loop = TrainingLoop(
+            seed=seed, guard=self.guard, emas=self.emas, params=lambda: self.mp_trainer.master_params,
+            sync_vars=lambda: list(self.mp_trainer.master_params) + self._optimizer_vars(),
+            save=self._save_set, save_interval=save_interval, stop_at=stop_step(iterations, max_steps),
+            log=lambda step, outcome: logger.dumpkvs() if step % log_interval == 0 else None,
+            progress="training classifier")
 
     def forward_backward_log(self, data_loader, prefix: str = "train") -> None:
         """Loss and top-1/top-5 accuracy of one batch, logged per quartile; gradients only for "train"."""
@@ -550,66 +421,27 @@ class ClassifierTrainLoop:
                 self._step_losses["train_loss"] = float(np.mean(losses["train_loss"]))
 
     def run_loop(self) -> None:
-        """Train for `iterations` optimizer steps in total (counting the resumed ones)."""
-        step = self.resume_step
-        progress = tqdm(total=self.iterations, initial=step, desc="training classifier", unit="step",
-                        disable=not dist_util.is_main_process(), dynamic_ncols=True)
-        with self.guard:
-            while step < self.iterations:
-                seed_training_step(self.seed, step)
-                logger.logkv("step", step)
-                logger.logkv("samples", (step + 1) * self.batch_size * dist_util.get_world_size())
-                log_bad_images(self.data)
-                if self.anneal_lr:
-                    set_annealed_lr(self.opt, self.lr, step / self.iterations)
-                self.forward_backward_log(self.data)
-                if self.mp_trainer.optimize(self.opt):
-                    self.guard.took_step()
-                elif self.mp_trainer.use_fp16:
-                    self.guard.skipped_step(step + 1, self.mp_trainer.lg_loss_scale)
-                else:
-                    self.guard.nonfinite_gradients(step + 1, self._step_losses)
-                if self.val_data is not None and step % self.eval_interval == 0:
-                    with jt.no_grad():
-                        self.model.eval()
-                        self.forward_backward_log(self.val_data, prefix="val")
-                        self.model.train()
-                if step % self.log_interval == 0:
-                    logger.dumpkvs()
-                jt.sync(list(self.mp_trainer.master_params) + [v for pg in self.opt.param_groups
-                                                                for v in pg["m"] + pg["values"]])
-                step += 1
-                progress.update(1)
-                stop = self.guard.after_step(step, self._step_losses)
-                if step % self.save_interval == 0 or step == self.iterations or stop:
-                    path = self.save(step)
-                    if stop:
-                        progress.close()
-                        self.guard.exit_after_save(step, path)
-        progress.close()
+        """Train for `iterations` optimizer steps in total (counting the resumed ones), or max_steps."""
+        self.loop.run(self.resume_step, self._step)
 
-    def save(self, step: int) -> str:
+    def _step(self, step: int) -> StepOutcome:
+        logger.logkv("step", step)
+        logger.logkv("samples", (step + 1) * self.batch_size * dist_util.get_world_size())
+        log_bad_images(self.data)
+        if self.anneal_lr:
+            set_annealed_lr(self.opt, self.lr, step / self.iterations)
+        self.forward_backward_log(self.data)
+        took = self.mp_trainer.optimize(self.opt)
+        if self.val_data is not None and step % self.eval_interval == 0:
+            with jt.no_grad():
+                self.model.eval()
+                self.forward_backward_log(self.val_data, prefix="val")
+                self.model.train()
+        return self._outcome(took, self._step_losses)
+
+    def save(self, step: int) -> Optional[str]:
         """Write optNNNNNN.pt then modelNNNNNN.pt (rank 0; never non-finite weights); returns the model file."""
-        self.guard.check_finite_weights(step, sums_of_squares(list(self.mp_trainer.master_params)))
-        files = []
-        if dist_util.is_main_process():
-            opt_state = self.opt.state_dict()
-            if self.mp_trainer.use_fp16:
-                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            files = [(checkpoint_sets.opt_name(step), opt_state),
-                     (checkpoint_sets.model_name(step),
-                      self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params))]
-        save_on_main_process(lambda: checkpoint_sets.write_set(logger.get_dir(), files, log=logger.log))
-        path = os.path.join(logger.get_dir(), checkpoint_sets.model_name(step))
-        self.guard.saved(path)
-        return path
-
-
-def set_annealed_lr(opt, base_lr: float, frac_done: float) -> None:
-    """Linearly decay the learning rate of every parameter group to 0 at frac_done = 1."""
-    lr = base_lr * (1 - frac_done)
-    for param_group in opt.param_groups:
-        param_group["lr"] = lr
+        return self._save_set(step)
 
 
 def cross_entropy(logits: jt.Var, labels: jt.Var) -> jt.Var:
@@ -676,30 +508,15 @@ def get_blob_logdir() -> str:
     return logger.get_dir()
 
 
-def find_resume_checkpoint(log_dir: Optional[str] = None, ema_rates: Sequence[float] = ()) -> Optional[str]:
+def find_resume_checkpoint(log_dir: Optional[str] = None, ema_rates: Sequence[float] = (),
+                           ema_stds: Sequence[float] = ()) -> Optional[str]:
     """The newest whole checkpoint set's model file in log_dir, so that rerunning a command continues its run.
 
     (The reference's hook for automatic resumption; override it for checkpoints kept elsewhere.)
     """
-    found = checkpoint_sets.newest_whole_set(log_dir, ema_rates) if log_dir else None
+    names = [ema_rate_name(r) for r in ema_rates] + [ema_std_name(s) for s in ema_stds]
+    found = CheckpointIO(log_dir, ADMLayout(names), RunGuard()).newest() if log_dir else None
     return found[0] if found else None
-
-
-def save_on_main_process(write: Callable[[], Any]) -> None:
-    """Run `write` on rank 0 and let every rank know whether it worked, so a failed save stops all ranks together
-    (instead of leaving the others waiting at a barrier)."""
-    failure: Optional[BaseException] = None
-    if dist_util.is_main_process():
-        try:
-            write()
-        except Exception as exc:  # re-raised below, after the other ranks learn of it
-            failure = exc
-    failed = dist_util.all_reduce_sum_array(np.array([failure is not None], dtype=np.int64))
-    if failure is not None:
-        raise failure
-    if failed[0]:
-        raise UserError("rank 0 could not write the checkpoint (see its error in log.txt); the earlier checkpoints "
-                        "are intact")
 
 
 def log_bad_images(data) -> None:
@@ -707,17 +524,6 @@ def log_bad_images(data) -> None:
     bad = getattr(data, "bad_images", 0)
     if bad:
         logger.logkv("bad_images", bad)
-
-
-def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
-    """The ema_<rate>_<step>.pt beside main_checkpoint, if it exists."""
-    if main_checkpoint is None:
-        return None
-    filename = f"ema_{rate}_{(step):06d}.pt"
-    path = os.path.join(os.path.dirname(main_checkpoint), filename)
-    if os.path.exists(path):
-        return path
-    return None
 
 
 def log_loss_dict(diffusion, ts, losses: Mapping[str, Any]) -> None:
@@ -734,9 +540,13 @@ def log_loss_dict(diffusion, ts, losses: Mapping[str, Any]) -> None:
 
 #: The flags of the ADM training scripts that TrainLoop and ClassifierTrainLoop take under the same name.
 TRAIN_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
-                    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "seed")
+                    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "seed",
+                    "ema_std", "max_steps")
 CLASSIFIER_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "anneal_lr", "iterations", "noised",
-                         "resume_checkpoint", "log_interval", "eval_interval", "save_interval", "seed")
+                         "resume_checkpoint", "log_interval", "eval_interval", "save_interval", "seed", "ema_std",
+                         "max_steps")
+#: The defaults of the training-core flags every ADM training script adds to its own (off: the reference's run).
+TRAINING_CORE_DEFAULTS = dict(ema_std="", max_steps=0)
 
 
 def train_loop_from_args(args, model, diffusion, data, schedule_sampler=None) -> TrainLoop:

@@ -22,6 +22,7 @@ from guided_diffusion.script_util import (  # noqa: E402
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help  # noqa: E402
 from guided_diffusion.train_util import (  # noqa: E402
+    TRAINING_CORE_DEFAULTS,
     check_training_flags,
     seeded_initialisation,
     train_loop_from_args,
@@ -107,6 +108,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)

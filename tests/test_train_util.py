@@ -408,3 +408,19 @@ def test_a_full_disk_while_saving_keeps_earlier_checkpoints_and_names_the_file(t
     after = {f: (tmp_path / "run" / f).read_bytes() for f in os.listdir(tmp_path / "run") if f.endswith(".pt")}
     assert after == before  # the step-4 EMA written before the failure was removed; no partial or temporary file
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+
+
+def test_max_steps_ends_with_a_whole_set_without_touching_the_lr_and_a_rerun_continues(tmp_path):
+    data_dir = make_images(tmp_path / "imgs")
+    train(tmp_path / "full", data_dir, steps=4, save_interval=100)
+    loop = train(tmp_path / "run", data_dir, steps=4, save_interval=100, max_steps=2)
+    assert loop.step == 2
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".pt")) == [
+        "ema_0.99_000002.pt", "ema_0.9_000002.pt", "model000002.pt", "opt000002.pt"]
+    # the lr follows --lr_anneal_steps 4: after 2 of 4 steps, as in the run annealed over 4 steps
+    lr = load_file(str(tmp_path / "run" / "opt000002.pt"))["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * (1 - 1 / 4))
+    train(tmp_path / "run", data_dir, steps=4, save_interval=100)  # the same command without --max_steps
+    a, b = load_file(str(tmp_path / "full" / "model000004.pt")), load_file(str(tmp_path / "run" / "model000004.pt"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
