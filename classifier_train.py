@@ -28,8 +28,8 @@ def main() -> None:
     check = InputCheck()
     check_training_flags(check, args)
     check(check_data_dir, args.data_dir)
-    if args.val_data_dir:
     check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
+    if args.val_data_dir:
         check(check_data_dir, args.val_data_dir, flag="--val_data_dir")
     check.done()
 
@@ -52,9 +52,9 @@ def main() -> None:
         random_crop=True,
         random_flip=args.random_flip,
         seed=args.seed,
-    )
         class_from=args.class_from,
         num_classes=args.num_classes,
+    )
     val_data = None
     if args.val_data_dir:
         val_data = load_data(
@@ -64,9 +64,9 @@ def main() -> None:
             class_cond=True,
             random_flip=args.random_flip,
             seed=args.seed,
-        )
             class_from=args.class_from,
             class_names=data.class_names,
+        )
 
     logger.log("training classifier model...")
     classifier_train_loop_from_args(args, model, diffusion, data, val_data, schedule_sampler).run_loop()
@@ -76,8 +76,8 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
         data_dir="",
         val_data_dir="",
-        noised=True,
         class_from="auto",
+        noised=True,
         iterations=150000,
         lr=3e-4,
         weight_decay=0.0,

@@ -44,12 +44,12 @@ def main() -> None:
         check.problem("--p_uncond must be a probability in [0, 1] (got %g)" % args.p_uncond)
     if args.num_classes < 1:
         check.problem("--num_classes must be at least 1 (got %d)" % args.num_classes)
+    check(check_folder_classes, args.data_dir, args.class_from, args.num_classes)
     check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
-    check(check_folder_classes, args.data_dir, args.class_from, args.num_classes)
     logger.log("creating model and diffusion...")
     with seeded_initialisation(args.seed):
         model, diffusion = create_model_and_diffusion(
@@ -65,24 +65,24 @@ def main() -> None:
         class_cond=True,
         random_flip=args.random_flip,
         seed=args.seed,
+        class_from=args.class_from,
+        num_classes=args.num_classes,
     )
     data = with_label_dropout(data, args.p_uncond, null_label=args.num_classes, seed=args.seed)
 
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
-        class_from=args.class_from,
-        num_classes=args.num_classes,
 
 
 def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
         data_dir="./data/cifar10",
+        class_from="auto",
         schedule_sampler="uniform",
         lr=2e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,
         batch_size=128,
-        class_from="auto",
         microbatch=-1,
         ema_rate="0.9999",
         log_interval=100,

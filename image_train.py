@@ -28,13 +28,13 @@ def main() -> None:
     check = InputCheck()
     check_training_flags(check, args)
     check(check_data_dir, args.data_dir)
+    if args.class_cond:
+        check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
     check.done()
 
     dist_util.setup_dist()
     logger.configure()
 
-    if args.class_cond:
-        check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
     logger.log("creating model and diffusion...")
     with seeded_initialisation(args.seed):
         model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
@@ -48,23 +48,23 @@ def main() -> None:
         class_cond=args.class_cond,
         random_flip=args.random_flip,
         seed=args.seed,
+        class_from=args.class_from,
+        num_classes=args.num_classes,
     )
 
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
-        class_from=args.class_from,
-        num_classes=args.num_classes,
 
 def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
         data_dir="",
+        class_from="auto",
         schedule_sampler="uniform",
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,
         batch_size=1,
-        class_from="auto",
         microbatch=-1,  # -1 disables microbatches
         ema_rate="0.9999",  # comma-separated list of EMA values
         log_interval=10,

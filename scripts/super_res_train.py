@@ -34,9 +34,9 @@ def main() -> None:
     check = InputCheck()
     check_training_flags(check, args)
     check(check_data_dir, args.data_dir)
-    if not 0 < args.small_size <= args.large_size:
     if args.class_cond:
         check(check_data_classes, args.data_dir, args.class_from, args.num_classes)
+    if not 0 < args.small_size <= args.large_size:
         check.problem("--small_size %d must lie in 1..--large_size (%d)" % (args.small_size, args.large_size))
     check.done()
 
@@ -59,9 +59,9 @@ def main() -> None:
         class_cond=args.class_cond,
         random_flip=args.random_flip,
         seed=args.seed,
-    )
         class_from=args.class_from,
         num_classes=args.num_classes,
+    )
 
     logger.log("training...")
     train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
@@ -77,9 +77,9 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         class_cond=class_cond,
         random_flip=random_flip,
         seed=seed,
-    )
         class_from=class_from,
         num_classes=num_classes,
+    )
 
     def add_low_res(large_batch, model_kwargs, _index):
         model_kwargs = dict(model_kwargs)
@@ -92,8 +92,8 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
 def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(
         data_dir="",
-        schedule_sampler="uniform",
         class_from="auto",
+        schedule_sampler="uniform",
         lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,
