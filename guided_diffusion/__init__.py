@@ -104,6 +104,12 @@ if "jittor" not in sys.modules:
 
 import jittor as _jt  # noqa: E402  (must come after the environment is prepared)
 
+from . import job_failure as _job_failure  # noqa: E402
+
+# Under mpirun a crashing rank must end the job (Jittor's own handler, installed at its import, finalizes MPI and
+# waits for the other ranks forever).
+_job_failure.end_job_when_this_rank_fails()
+
 # Jittor's compiled libraries switch the CPU to flush-to-zero, after which numpy warns on every np.finfo call.
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 

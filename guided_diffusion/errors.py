@@ -64,9 +64,6 @@ def run_cli(main: Callable[[], None]) -> None:
     from . import job_failure
 
     in_job = job_failure.in_multi_rank_job()
-    if in_job:
-        import jittor  # noqa: F401  (Jittor installs its crash handler at import; ours replaces it)
-        job_failure.die_by_fatal_signals()
     try:
         main()
     except UserError as exc:

@@ -59,6 +59,24 @@ def die_by_fatal_signals() -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
+def end_job_when_this_rank_fails() -> None:
+    """Under mpirun, make every way this rank can fail end the job: crashes by signal (`die_by_fatal_signals`) and
+    uncaught exceptions anywhere (a sys.excepthook that reports and leaves without finalizing MPI); `errors.run_cli`
+    adds input errors and non-zero exits. Called when the package is imported, after Jittor."""
+    if not in_multi_rank_job():
+        return
+    die_by_fatal_signals()
+    previous = sys.excepthook
+
+    def report_and_end_job(exc_type, exc, tb):
+        if issubclass(exc_type, SystemExit):
+            return previous(exc_type, exc, tb)
+        previous(exc_type, exc, tb)
+        fail_rank(describe_exception(exc), 1)
+
+    sys.excepthook = report_and_end_job
+
+
 def fail_rank(message: str, code: int) -> None:
     """Write `message` as this rank's one failure line and end the process at once, without finalizing MPI, so
     that mpirun stops every other rank of the job."""

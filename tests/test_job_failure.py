@@ -51,7 +51,13 @@ DRIVER = textwrap.dedent('''
         total = x.mpi_all_reduce("add").numpy()
         print("rank %%d done %%g" %% (rank, total[0]), flush=True)
 
-    run_cli(main)
+    if mode == "uncaught":  # outside run_cli: the package's excepthook ends the job
+        jt.ones(4).mpi_all_reduce("add").sync()
+        if dist_util.get_rank() == 1:
+            raise RuntimeError("a deliberate failure outside main")
+        jt.ones(4).mpi_all_reduce("add").sync()
+    else:
+        run_cli(main)
 ''') % {"repo": REPO}
 
 
@@ -101,6 +107,7 @@ def test_outside_mpirun_an_exception_propagates_unchanged(monkeypatch):
     ("exception", 1, "error: rank 1 of 2 failed: RuntimeError: a deliberate failure"),
     ("user_error", 2, "error: rank 1 of 2 failed: a deliberate user error: use --flag 1"),
     ("exit", 3, "error: rank 1 of 2 failed: exit status 3"),
+    ("uncaught", 1, "error: rank 1 of 2 failed: RuntimeError: a deliberate failure outside main"),
 ])
 def test_a_failing_rank_ends_the_job_instead_of_leaving_the_other_waiting(tmp_path, mode, status, words):
     proc, seconds = _run_job(tmp_path, mode)
