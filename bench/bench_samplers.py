@@ -3,7 +3,7 @@
 `python bench/bench_samplers.py --part all` prints JSON lines:
 
 * analytic: Gaussian data N(0.3, 0.5^2) under the linear schedule, whose exact noise prediction and ODE solution are
-  known (dpm_solver.GaussianDataModel): RMSE against the exact ODE solution for 5, 10, 20 and 40 steps, and the
+  known (tests/gaussian_data_model.py): RMSE against the exact ODE solution for 5, 10, 20 and 40 steps, and the
   fewest steps each sampler and grid needs to reach the error of DDIM with 50 time-uniform steps;
 * demo: the demo's classifier-free digits model (scripts/demo/free_digits.pt, w = 3, cosine schedule);
 * unet: the fixture UNet (tests/fixtures/guided_diffusion/unet64_cond.pt, 64x64, random weights, linear schedule).
@@ -34,10 +34,11 @@ from guided_diffusion import guidance, script_util  # noqa: E402
 from guided_diffusion import gaussian_diffusion as gd  # noqa: E402
 from guided_diffusion.checkpoint import load_file  # noqa: E402
 from guided_diffusion.state_dicts import load_state_dict_strict  # noqa: E402
-from guided_diffusion.dpm_solver import GaussianDataModel  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo"))
 import digits  # noqa: E402  (scripts/demo/digits.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from gaussian_data_model import GaussianDataModel  # noqa: E402  (tests/gaussian_data_model.py, a test double)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = {"ddim": 1, "2M": 2, "3M": 3}

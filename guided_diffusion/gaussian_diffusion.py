@@ -1,6 +1,6 @@
 """
 Gaussian diffusion: noise schedules, the forward process, the learned reverse process (ancestral and DDIM sampling;
-DPM-Solver++ in dpm_solver.py), the variational bound and the training losses.
+DPM-Solver++ in dpm_solver.py, UniPC in unipc.py), the variational bound and the training losses.
 
 A Jittor port of guided-diffusion's ``gaussian_diffusion.py`` (itself based on Ho et al.'s DDPM code and the
 Improved DDPM code). Schedules are float64 numpy arrays, gathered by timestep as float64 Vars and only then cast to
@@ -18,7 +18,10 @@ import numpy as np
 
 from .errors import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .dpm_solver import DPMSolverStep
 from .nn import mean_flat
+from .runtime_values import runtime_var
+from .unipc import UniPCStep
 
 
 class ScheduleError(UserError, NotImplementedError):
@@ -96,20 +99,6 @@ def _as_int_timesteps(t: Any) -> jt.Var:
 def _timestep_var(values: np.ndarray) -> jt.Var:
     """An int32 Var holding values (timesteps), never folded into a kernel as a constant."""
     return runtime_var(values, np.int32)
-
-
-def runtime_var(values, dtype=np.float32) -> jt.Var:
-    """A Var holding values that Jittor keeps as a runtime input, never as a constant folded into a kernel.
-
-    Jittor bakes a one-element array into the generated kernel when its value is 0, 1 or 2 (or +-1.0, +-2.0);
-    a batch-1 loop would then compile new kernels whenever a timestep (or weight) takes such a value. Building
-    two elements and slicing one keeps it a runtime input.
-    """
-    values = np.ascontiguousarray(values, dtype=dtype)
-    if values.size == 1:
-        flat = values.reshape(-1)
-        return jt.array(np.concatenate([flat, flat]))[:1].reshape(values.shape)
-    return jt.array(values)
 
 
 class GaussianDiffusion:
@@ -552,9 +541,62 @@ class GaussianDiffusion:
         order=2,
     ) -> Iterator[Dict[str, jt.Var]]:
         """DPM-Solver++ sampling that yields each step's {"sample", "pred_xstart"} (device is accepted and ignored)."""
-        from .dpm_solver import DPMSolverStep  # dpm_solver builds on this module
-
         for out in self._sample_steps(DPMSolverStep(self, order), model, shape, noise, progress, dict(
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs
+        )):
+            yield out
+
+    # ------------------------------------------------------------------ UniPC
+
+    def unipc_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        order=2,
+        variant="bh2",
+    ) -> jt.Var:
+        """Generate samples with UniPC (predictor order 1-3, B(h) variant bh1 or bh2); returns the final x_0 batch."""
+        final = None
+        for sample in self.unipc_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            order=order,
+            variant=variant,
+        ):
+            final = sample
+        return final["sample"]
+
+    def unipc_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        order=2,
+        variant="bh2",
+    ) -> Iterator[Dict[str, jt.Var]]:
+        """UniPC sampling that yields each step's predicted {"sample", "pred_xstart"} (device is accepted and
+        ignored); a yielded sample is corrected in the next step, after the model has been called there."""
+        for out in self._sample_steps(UniPCStep(self, order, variant), model, shape, noise, progress, dict(
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs
         )):
             yield out

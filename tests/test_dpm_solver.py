@@ -11,7 +11,8 @@ import pytest
 
 from guided_diffusion import checkpoint, script_util, state_dicts
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.dpm_solver import GaussianDataModel, multistep_weights, solver_orders
+from guided_diffusion.dpm_solver import multistep_weights, solver_orders
+from gaussian_data_model import GaussianDataModel
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from test_gaussian_diffusion import count_kernel_compiles
 
