@@ -164,3 +164,48 @@ def test_an_unreadable_image_is_skipped_with_a_warning_and_counted_in_the_log(tm
     log = (tmp_path / "log" / "log.txt").read_text()
     assert log.count("skipping unreadable image") == 1 and "c1_broken.png" in log
     assert "| bad_images " in log
+
+
+def test_power_function_emas_follow_the_edm2_recursion_resume_exactly_and_reconstruct(tmp_path):
+    """--ema_std 0.05,0.1 with --save_interval 1: every phema_<std>_<k>.pt equals EDM2's recursion applied to the
+    raw weights of steps 1..k (model00000k.pt), with the betas EDM2's own code gives (tests/fixtures/phema); a run
+    resumed at step 2 continues them bit for bit; reconstruct_ema.py combines them into a loadable model file."""
+    edm2 = np.load(os.path.join(REPO, "tests", "fixtures", "phema", "edm2_phema.npz"))
+    data = make_images(tmp_path / "imgs")
+    common = ["--data_dir", data, "--batch_size", "2", "--lr_anneal_steps", "4", "--save_interval", "1",
+              "--log_interval", "1", "--ema_std", "0.05,0.1"] + TINY
+    first = run_script(common, tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for i, std in enumerate((0.05, 0.1)):
+        assert list(edm2["beta_stds"])[i] == std
+        ema = None
+        for k in range(1, 5):
+            raw = load_file(str(tmp_path / "a" / ("model%06d.pt" % k)))
+            beta = edm2["betas"][i, k - 1]
+            ema = {n: v.astype(np.float64) for n, v in raw.items()} if ema is None else {
+                n: ema[n] + (1 - beta) * (raw[n].astype(np.float64) - ema[n]) for n in ema}
+            snapshot = load_file(str(tmp_path / "a" / ("phema_%.3f_%06d.pt" % (std, k))))
+            assert list(snapshot) == list(raw)
+            for n in raw:
+                np.testing.assert_allclose(snapshot[n], ema[n], rtol=1e-5, atol=1e-6, err_msg="%g %d %s" % (std, k, n))
+        assert not np.allclose(snapshot["out.2.weight"], raw["out.2.weight"])
+
+    second = run_script(common + ["--resume_checkpoint", tmp_path / "a" / "model000002.pt"], tmp_path / "b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for name in ("phema_0.050_000004.pt", "phema_0.100_000004.pt", "model000004.pt"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=name + ":" + k)
+    os.remove(tmp_path / "a" / "phema_0.100_000003.pt")  # a set without one of its snapshots is not resumed from
+    third = run_script(common + ["--resume_checkpoint", tmp_path / "a" / "model000003.pt"], tmp_path / "c")
+    assert third.returncode == 2 and "incomplete" in third.stderr and "phema_0.100_000003.pt" in third.stderr
+
+    out = tmp_path / "ema_0.080.pt"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reconstruct_ema.py"), "--log_dir",
+                           str(tmp_path / "b"), "--std", "0.08", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    flags = model_and_diffusion_defaults()
+    flags.update(image_size=32, num_channels=16, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
+                 diffusion_steps=50, class_cond=True, learn_sigma=True)
+    model, _ = create_model_and_diffusion(**flags)
+    load_state_dict_strict(model, load_file(str(out)))

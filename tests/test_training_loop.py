@@ -39,6 +39,16 @@ def test_a_resumed_loop_starts_at_its_step_and_an_on_save_hook_can_end_the_run()
     assert saved == [4, 6]
 
 
+def test_periodic_hooks_run_after_every_nth_step():
+    saved, calls = [], []
+    weight = jt.zeros(2)
+    loop = TrainingLoop(seed=0, guard=RunGuard(log=lambda m: None), emas=(), params=lambda: [weight],
+                        sync_vars=lambda: [weight], save=lambda n: saved.append(n), save_interval=100, stop_at=7,
+                        periodic=[(3, calls.append)])
+    loop.run(0, lambda step: StepOutcome(True, {"loss": 0.0}))
+    assert calls == [3, 6] and saved == [7]
+
+
 def test_averages_are_updated_with_the_count_of_steps_done():
     saved = []
     weight_values = []

@@ -8,7 +8,7 @@ set is written and when the run ends. Step numbers: `step` is the 0-based index 
 the run has done `step + 1` optimizer steps, the number that names checkpoints.
 """
 
-from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jittor as jt
 import numpy as np
@@ -60,14 +60,18 @@ class TrainingLoop:
     save_interval: a set is written every save_interval optimizer steps, at stop_at, and on a stop signal.
     stop_at: the number of optimizer steps after which the run ends (None: never; see stop_step).
     log: called after each step with its index and outcome (the trainer decides what and how often to log).
-    on_save: called with (n, path) after every save (e.g. previews, stop-after-first-save hooks).
+    on_save: called with (n, path) after every save; one returning True ends the run (the reference's
+        DIFFUSION_TRAINING_TEST stop).
+    periodic: (interval, fn) pairs: fn(n) runs on every rank after optimizer step n when n % interval == 0, after the
+        step's guard check and save (e.g. a preview grid sampled with the EMA weights).
     progress: the progress bar's title (None: no bar).
     """
 
     def __init__(self, *, seed: int, guard: RunGuard, emas: Sequence[EMA], params: Callable[[], Sequence[jt.Var]],
                  sync_vars: Callable[[], List[jt.Var]], save: Callable[[int], Optional[str]], save_interval: int,
                  stop_at: Optional[int] = None, log: Callable[[int, StepOutcome], None] = lambda step, out: None,
-                 on_save: Sequence[Callable[[int, Optional[str]], bool]] = (), progress: Optional[str] = None):
+                 on_save: Sequence[Callable[[int, Optional[str]], bool]] = (),
+                 periodic: Sequence[Tuple[int, Callable[[int], None]]] = (), progress: Optional[str] = None):
         self.seed = seed
         self.guard = guard
         self.emas = list(emas)
@@ -78,6 +82,7 @@ class TrainingLoop:
         self.stop_at = stop_at
         self.log = log
         self.on_save = list(on_save)
+        self.periodic = list(periodic)
         self.progress = progress
 
     def take_step(self, step: int, step_fn: Callable[[], StepOutcome]) -> StepOutcome:
@@ -121,6 +126,9 @@ class TrainingLoop:
                             self.guard.exit_after_save(done, path)
                         if any([hook(done, path) for hook in self.on_save]):
                             break
+                    for interval, hook in self.periodic:
+                        if done % interval == 0:
+                            hook(done)
         finally:
             bar.close()
         return done
