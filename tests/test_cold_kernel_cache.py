@@ -101,18 +101,27 @@ def test_two_runs_of_one_new_model_at_once_both_finish(cold_env, images, tmp_pat
 
 def test_a_run_killed_while_compiling_leaves_a_cache_the_next_run_uses(cold_env, cold_cache, images, tmp_path):
     jit = os.path.join(cold_cache[1], "jit")
-    run = start(_train(images, 4), training_env(tmp_path / "run", **cold_env))
+    # The run is a grandchild (under sh): Jittor, imported by this test process, quick-exits the process whose direct
+    # child dies by SIGKILL (its SIGCHLD handler).
+    shell = start(["sh", "-c", '"$@" & wait $!', "sh"] + _train(images, 4),
+                  training_env(tmp_path / "run", **cold_env))
     deadline = time.time() + 600
     try:  # kill it once it is writing kernels: after the first library, while others are being built
-        while time.time() < deadline and run.poll() is None:
+        while time.time() < deadline and shell.poll() is None:
             if os.path.isdir(jit) and any(f.endswith(".so") for f in os.listdir(jit)):
                 break
             time.sleep(0.05)
         time.sleep(2.0)
-        assert run.poll() is None, "the run ended before it could be killed while compiling"
+        assert shell.poll() is None, "the run ended before it could be killed while compiling"
+        children = subprocess.run(["pgrep", "-P", str(shell.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the training process was not found"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        shell.communicate(timeout=120)
     finally:
-        run.kill()
-        run.communicate()
+        if shell.poll() is None:
+            shell.terminate()
+            shell.communicate()
     result = finish(start(_train(images, 4), training_env(tmp_path / "run", **cold_env)), timeout=1200)
     _assert_trained(result, tmp_path / "run", 4)
 
