@@ -5,7 +5,7 @@ images (classifier guidance: DDPM, or DDIM with --use_ddim True --timestep_respa
 
 import argparse
 
-from guided_diffusion import dist_util, guidance, logger, model_loading, sampling
+from guided_diffusion import dist_util, guidance, logger, model_loading, sampling, samplers
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.flag_help import attach_flag_help
 from guided_diffusion.script_util import (
@@ -35,7 +35,8 @@ def main():
 
     logger.log("loading classifier...")
     classifier = model_loading.load_classifier(args)
-    cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale)
+    cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale, interval=interval,
+                                          timestep_scale=guidance.timestep_scale(args))
 
     def model_fn(x, t, y=None):
         assert y is not None
@@ -45,7 +46,7 @@ def main():
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model_fn, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        sampler=samplers.choice_from_args(args), clip_denoised=args.clip_denoised,
         cond_fn=cond_fn, num_classes=classes.count, fixed_labels=fixed,
     )
     sampling.generate_samples(
@@ -62,9 +63,12 @@ def create_argparser():
         batch_size=16,
         use_ddim=False,
         sampler="",
+        unipc_order=2,
+        unipc_variant="bh2",
         model_path="",
         classifier_path="",
         classifier_scale=1.0,
+        guidance_interval="",
         seed=0,
         class_labels="",
     )

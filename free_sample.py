@@ -12,9 +12,10 @@ learned variance comes from the conditional prediction). Two ways to give the mo
 
 import argparse
 
-from guided_diffusion import dist_util, logger, model_loading, sampling
+from guided_diffusion import dist_util, logger, model_loading, sampling, samplers
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.flag_help import attach_flag_help
+from guided_diffusion import guidance
 from guided_diffusion.guidance import ClassifierFreeGuidance
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -53,6 +54,7 @@ def main():
     logger.configure()
 
     keys = model_and_diffusion_defaults().keys()
+    cfg_options = dict(interval=interval, rescale=args.guidance_rescale, timestep_scale=guidance.timestep_scale(args))
     logger.log("creating model and diffusion...")
     if args.model_path:
         model, diffusion = model_loading.load_model_and_diffusion(
@@ -66,13 +68,13 @@ def main():
         ucmodel, _ = model_loading.load_model_and_diffusion(
             args, keys, model_path=args.ucmodel_path, flag="--ucmodel_path", class_cond=False
         )
-        guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel)
+        guided = ClassifierFreeGuidance(cmodel, args.w, uncond_model=ucmodel, **cfg_options)
 
     logger.log(classes.describe())
     logger.log("sampling with guidance weight w=%g..." % args.w)
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, guided, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        sampler=samplers.choice_from_args(args), clip_denoised=args.clip_denoised,
         num_classes=classes.count, fixed_labels=fixed,
     )
     sampling.generate_samples(
@@ -89,10 +91,14 @@ def create_argparser(free_defaults: bool = False):
         batch_size=16,
         use_ddim=False,
         sampler="",
+        unipc_order=2,
+        unipc_variant="bh2",
         cmodel_path="",
         ucmodel_path="",
         model_path="",
         w=3.0,
+        guidance_interval="",
+        guidance_rescale=0.0,
         seed=0,
         class_labels="",
     )

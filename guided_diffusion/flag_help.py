@@ -10,6 +10,8 @@ training scripts pass ``TRAINING_FLAG_HELP``) and shows its default the same way
 import argparse
 from typing import Dict, Mapping, Optional
 
+from .samplers import sampler_flag_help
+
 #: One text per flag, for every script that has the flag (sampling, training, bits/dim).
 FLAG_HELP: Dict[str, str] = {
     # the diffusion model (script_util.model_and_diffusion_defaults, sr_model_and_diffusion_defaults)
@@ -38,7 +40,7 @@ FLAG_HELP: Dict[str, str] = {
     "noise_schedule": "beta schedule of the diffusion process: linear or cosine",
     "timestep_respacing": "sampling steps taken from --diffusion_steps: a number (e.g. 250), comma-separated "
                           "section counts, ddimN (DDIM's even stride, e.g. ddim25), or logsnrN (N steps uniform in "
-                          "log-SNR, for the dpm++ samplers); empty: all steps",
+                          "log-SNR, for the ODE samplers dpm++2m, dpm++3m, unipc); empty: all steps",
     "use_kl": "train with the variational bound (KL) loss (no effect when sampling)",
     "predict_xstart": "the model predicts x_0 instead of the noise",
     "rescale_timesteps": "the model takes timesteps scaled to 0..1000",
@@ -59,11 +61,15 @@ FLAG_HELP: Dict[str, str] = {
     "num_samples": "number of images to generate in total (split across MPI ranks)",
     "batch_size": "images per batch (each MPI rank samples one batch at a time)",
     "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM: the same as --sampler ddim",
-    "sampler": "ddpm (the reference's ancestral sampling), ddim (eta 0), dpm++2m or dpm++3m (DPM-Solver++ "
-               "multistep, 10-20 steps; recommended: --timestep_respacing logsnr15 with the linear schedule, whose "
-               "grid is uniform in log-SNR as the solver wants; with the cosine schedule ddim15, because its last "
-               "timesteps (alpha_bar down to 2e-9) amplify an imperfect model's x_0 prediction and a log-SNR grid "
-               "crowds its steps there); unset: ddpm, or ddim with --use_ddim True",
+    "sampler": sampler_flag_help(),
+    "unipc_order": "--sampler unipc: order of the predictor, 1-3 (the corrector adds one at no extra model call)",
+    "unipc_variant": "--sampler unipc: B(h) of the update, bh1 (B(h) = h) or bh2 (B(h) = e^h - 1, diffusers' "
+                     "default)",
+    "guidance_interval": "LO,HI: guide only at timesteps LO <= t <= HI of the original 0..T-1 scale (Kynkaanniemi "
+                         "et al. 2024), elsewhere the conditional prediction alone; empty: guide at every step",
+    "guidance_rescale": "classifier-free guidance: rescale the guided noise prediction's standard deviation toward "
+                        "the conditional one by this factor (Lin et al. 2023, Eq. 15-16; diffusers' "
+                        "guidance_rescale); 0: off",
     "model_path": "diffusion model checkpoint (.pt), e.g. models/256x256_diffusion.pt (scripts/download_models.py)",
     "classifier_path": "noisy-image classifier checkpoint (.pt), e.g. models/256x256_classifier.pt",
     "classifier_scale": "strength of classifier guidance: the gradient of log p(y|x_t) is multiplied by this",

@@ -7,15 +7,15 @@ The one batch loop shared by every sampling script (ADM and DiT), and the pieces
   same command resumes where it stopped. Batches seed themselves from their index, so the result does not depend
   on the number of ranks or on interruptions. When every batch exists, rank 0 streams them into
   ``samples_{N}x{H}x{W}x3.npz`` with a PNG grid beside it.
-* ``check_sampling_flags``, ``seed_batch``, ``batch_labels``, ``label_var``, the sampler choice (``SAMPLERS``,
-  ``resolve_sampler``, ``run_diffusion``) and ``make_diffusion_sampler``, the ``sample_batch`` of the ADM scripts.
+* ``check_sampling_flags``, ``seed_batch``, ``batch_labels``, ``label_var``, ``run_diffusion`` (a walk from the
+  sampler table, ``samplers.py``) and ``make_diffusion_sampler``, the ``sample_batch`` of the ADM scripts.
 
 Loading models from flags is ``model_loading``; the writers are ``sample_store`` and ``image_grid``.
 """
 
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jittor as jt
 import numpy as np
@@ -25,6 +25,7 @@ from . import dist_util, logger, sample_store, seeding
 from .errors import InputCheck, UserError
 from .image_grid import to_uint8_images
 from .model_loading import check_count, check_respacing
+from .samplers import SAMPLERS, SamplerChoice, choice_from_args, resolve_sampler, run_sampler  # noqa: F401
 
 SampleBatchFn = Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]]
 
@@ -178,7 +179,7 @@ def check_sampling_flags(check: InputCheck, args) -> None:
         check(check_respacing, args.timestep_respacing, getattr(args, "diffusion_steps", 1000),
               noise_schedule=getattr(args, "noise_schedule", "linear"))
     if hasattr(args, "sampler"):
-        check(resolve_sampler, args.sampler, getattr(args, "use_ddim", False))
+        check(choice_from_args, args)
 
 
 def seed_batch(seed: int, batch_index: int) -> np.random.RandomState:
@@ -196,38 +197,13 @@ def batch_labels(rng: np.random.RandomState, batch_index: int, batch_size: int, 
     return rng.randint(0, num_classes, size=(n,)).astype(np.int64)
 
 
-#: --sampler's choices: the reference's two loops and DPM-Solver++ multistep of order 2 and 3.
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
-_DPM_ORDERS = {"dpm++2m": 2, "dpm++3m": 3}
-
-
-def resolve_sampler(sampler: str, use_ddim: bool = False) -> str:
-    """--sampler with --use_ddim folded in (--use_ddim True means --sampler ddim); unset means ddpm."""
-    name = (sampler or "").strip().lower()
-    if name and name not in SAMPLERS:
-        raise UserError("unknown --sampler %r: choose one of %s" % (sampler, ", ".join(SAMPLERS)))
-    if use_ddim:
-        if name and name != "ddim":
-            raise UserError("--use_ddim True asks for DDIM but --sampler is %s: give only one of them" % name)
-        return "ddim"
-    return name or "ddpm"
-
-
-def run_diffusion(diffusion, model_fn, shape: Sequence[int], *, sampler: str = "ddpm", noise=None,
-                  clip_denoised: bool = True, model_kwargs: Optional[Dict[str, Any]] = None, cond_fn=None,
-                  progress: bool = True):
-    """One sampling loop (p_sample_loop, ddim_sample_loop or dpm_solver_sample_loop, by `sampler`), returning the
-    final x_0 batch."""
-    kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs or {}, cond_fn=cond_fn,
-                  progress=progress)
-    shape = tuple(int(s) for s in shape)
-    if sampler in _DPM_ORDERS:
-        return diffusion.dpm_solver_sample_loop(model_fn, shape, order=_DPM_ORDERS[sampler], **kwargs)
-    if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model_fn, shape, **kwargs)
-    if sampler == "ddpm":
-        return diffusion.p_sample_loop(model_fn, shape, **kwargs)
-    raise ValueError("unknown sampler %r (one of %s)" % (sampler, ", ".join(SAMPLERS)))
+def run_diffusion(diffusion, model_fn, shape: Sequence[int], *, sampler: Union[str, SamplerChoice] = "ddpm",
+                  noise=None, clip_denoised: bool = True, model_kwargs: Optional[Dict[str, Any]] = None,
+                  cond_fn=None, progress: bool = True):
+    """One sampling loop, chosen from the sampler table (samplers.SAMPLERS) by `sampler` (a name or a
+    SamplerChoice), returning the final x_0 batch."""
+    return run_sampler(diffusion, model_fn, shape, sampler, noise=noise, clip_denoised=clip_denoised,
+                       model_kwargs=model_kwargs or {}, cond_fn=cond_fn, progress=progress)
 
 
 def label_var(labels: np.ndarray):
@@ -244,7 +220,8 @@ def log_dir() -> str:
     return d
 
 
-def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: int, seed: int, sampler: str,
+def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: int, seed: int,
+                           sampler: Union[str, SamplerChoice],
                            clip_denoised: bool = True, cond_fn=None, num_classes: Optional[int] = None,
                            fixed_labels: Optional[Sequence[int]] = None,
                            extra_kwargs: Optional[Callable[[int, int], Dict[str, Any]]] = None,
@@ -275,6 +252,13 @@ def make_diffusion_sampler(diffusion, model_fn, *, image_size: int, batch_size: 
     return sample_batch
 
 
+#: Flags added after runs were first recorded: kept out of the record while at these defaults, so a run begun
+#: before they existed resumes with the same command.
+LATER_SAMPLING_FLAGS: Dict[str, Any] = {"unipc_order": 2, "unipc_variant": "bh2", "guidance_interval": "",
+                                        "guidance_rescale": 0.0}
+
+
 def sampling_run_config(args) -> Dict[str, Any]:
     """The flags recorded with partial results (a resumed run must use the same ones)."""
-    return {k: v for k, v in sorted(vars(args).items())}
+    return {k: v for k, v in sorted(vars(args).items())
+            if not (k in LATER_SAMPLING_FLAGS and v == LATER_SAMPLING_FLAGS[k])}

@@ -11,7 +11,7 @@ import sys
 # directory (root scripts have it already: Python puts a script's own folder first).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
+from guided_diffusion import dist_util, logger, model_loading, sampling, samplers  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults  # noqa: E402
@@ -41,7 +41,7 @@ def main():
     logger.log("sampling...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        sampler=samplers.choice_from_args(args), clip_denoised=args.clip_denoised,
         num_classes=classes.count if args.class_cond else None, fixed_labels=fixed,
     )
     sampling.generate_samples(
@@ -58,6 +58,8 @@ def create_argparser():
         batch_size=16,
         use_ddim=False,
         sampler="",
+        unipc_order=2,
+        unipc_variant="bh2",
         model_path="",
         seed=0,
         class_labels="",

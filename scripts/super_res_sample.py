@@ -11,7 +11,7 @@ import sys
 # directory (root scripts have it already: Python puts a script's own folder first).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, model_loading, sampling  # noqa: E402
+from guided_diffusion import dist_util, logger, model_loading, sampling, samplers  # noqa: E402
 from guided_diffusion.base_samples import BaseSamples  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.flag_help import attach_flag_help  # noqa: E402
@@ -42,7 +42,7 @@ def main():
     logger.log("creating samples...")
     sample_batch = sampling.make_diffusion_sampler(
         diffusion, model, image_size=args.large_size, batch_size=args.batch_size, seed=args.seed,
-        sampler=sampling.resolve_sampler(args.sampler, args.use_ddim), clip_denoised=args.clip_denoised,
+        sampler=samplers.choice_from_args(args), clip_denoised=args.clip_denoised,
         extra_kwargs=lambda b, n: base.batch(b, args.batch_size, n),
     )
     sampling.generate_samples(
@@ -59,6 +59,8 @@ def create_argparser():
         batch_size=16,
         use_ddim=False,
         sampler="",
+        unipc_order=2,
+        unipc_variant="bh2",
         base_samples="",
         model_path="",
         seed=0,

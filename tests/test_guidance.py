@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from guided_diffusion import checkpoint, script_util, state_dicts
-from guided_diffusion.guidance import ClassifierFreeGuidance, classifier_cond_fn, guided_output
+from guided_diffusion.errors import UserError
+from guided_diffusion.guidance import (ClassifierFreeGuidance, classifier_cond_fn, guided_output,
+                                      parse_guidance_interval, rescale_noise_cfg)
 from guided_diffusion.unet import EncoderUNetModel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "guided_diffusion")
@@ -174,3 +176,82 @@ def test_classifier_guided_ddim10_sample_matches_reference(guided_setup):
         cond_fn=classifier_cond_fn(classifier, float(ref["classifier_scale"])),
     )
     assert _max_err(sample, ref["ddim10_guided_sample"]) <= _tol(ref["ddim10_guided_sample"], 1e-3)
+
+
+# --------------------------------------------------------------------------------------------- interval and rescale
+
+
+def _t(values):
+    return jt.array(np.array(values, dtype=np.int32))
+
+
+def test_rescale_noise_cfg_equals_diffusers():
+    ref = np.load(os.path.join(os.path.dirname(FIXTURES), "unipc", "unipc_unet64_cond.npz"))
+    cond, cfg = jt.array(ref["rescale_cond"]), jt.array(ref["rescale_cfg"])
+    for phi, expected in zip(ref["rescale_phis"], ref["rescale_out"]):
+        ours = rescale_noise_cfg(cfg, cond, float(phi)).numpy()
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # phi = 1: the guided prediction takes the conditional one's standard deviation, sample by sample.
+    full = rescale_noise_cfg(cfg, cond, 1.0).numpy()
+    np.testing.assert_allclose(full.reshape(3, -1).std(axis=1, ddof=1), ref["rescale_cond"].reshape(3, -1).std(
+        axis=1, ddof=1), rtol=1e-5)
+
+
+def test_guidance_rescale_acts_on_the_guided_eps_only():
+    x_np = np.random.RandomState(3).randn(2, 3, 2, 2).astype(np.float32)
+    cond, uncond = _EpsModel(1.0, 0.5, v=0.1), _EpsModel(2.0, 0.0, v=0.9)
+    t, y = _t([5, 5]), jt.array(np.array([1, 3], dtype=np.int32))
+    plain = ClassifierFreeGuidance(cond, 3.0, uncond_model=uncond)(jt.array(x_np), t, y=y).numpy()
+    half = ClassifierFreeGuidance(cond, 3.0, uncond_model=uncond, rescale=0.5)(jt.array(x_np), t, y=y).numpy()
+    eps_c = x_np + 0.5 * np.array([1, 3]).reshape(-1, 1, 1, 1)
+    std = lambda a: a.reshape(2, -1).std(axis=1, ddof=1).reshape(-1, 1, 1, 1)  # noqa: E731
+    expected = 0.5 * plain[:, :3] * std(eps_c) / std(plain[:, :3]) + 0.5 * plain[:, :3]
+    np.testing.assert_allclose(half[:, :3], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(half[:, 3:], plain[:, 3:])
+    assert np.abs(half[:, :3] - plain[:, :3]).max() > 0.1
+
+
+def test_guidance_interval_is_inclusive_and_outside_it_the_conditional_model_runs_alone():
+    x_np = np.random.RandomState(4).randn(2, 3, 2, 2).astype(np.float32)
+    model = _EpsModel(1.0, 0.25)
+    cfg = ClassifierFreeGuidance(model, 2.0, null_label=10, interval=(100, 400))
+    y = jt.array(np.array([2, 9], np.int32))
+    for t, guided in ((99, False), (100, True), (400, True), (401, False)):
+        model.seen_y = []
+        out = cfg(jt.array(x_np), _t([t, t]), y=y).numpy()
+        eps_c = x_np + 0.25 * np.array([2, 9]).reshape(-1, 1, 1, 1)
+        expected = 3.0 * eps_c - 2.0 * (x_np + 2.5) if guided else eps_c
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert model.seen_y == ([[2, 9, 10, 10]] if guided else [[2, 9]]), t
+    # A batch mixing timesteps in and out of the interval: each sample by its own timestep.
+    out = cfg(jt.array(x_np), _t([50, 200]), y=y).numpy()
+    eps_c = x_np + 0.25 * np.array([2, 9]).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(out[0], eps_c[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], 3.0 * eps_c[1] - 2.0 * (x_np[1] + 2.5), rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_guidance_interval_zeroes_the_gradient_outside_and_skips_the_classifier():
+    rng = np.random.RandomState(5)
+    clf = _LinearClassifier(rng.randn(12, 4).astype(np.float32), rng.randn(4).astype(np.float32))
+    x = jt.array(rng.randn(2, 3, 2, 2).astype(np.float32))
+    y = jt.array(np.array([0, 3], np.int32))
+    full = classifier_cond_fn(clf, 2.0)(x, _t([300, 300]), y=y).numpy()
+    limited = classifier_cond_fn(clf, 2.0, interval=(0, 300))
+    np.testing.assert_allclose(limited(x, _t([300, 300]), y=y).numpy(), full, rtol=1e-6)
+    clf.seen_t = None
+    assert np.abs(limited(x, _t([301, 301]), y=y).numpy()).max() == 0.0 and clf.seen_t is None
+    mixed = limited(x, _t([300, 900]), y=y).numpy()
+    np.testing.assert_allclose(mixed[0], full[0], rtol=1e-6)
+    assert np.abs(mixed[1]).max() == 0.0
+    # Timesteps scaled for a --rescale_timesteps model (T = 4000: the model sees t * 0.25) map back.
+    scaled = classifier_cond_fn(clf, 2.0, interval=(0, 1000), timestep_scale=0.25)
+    tt = jt.array(np.array([1000 * 0.25, 1001 * 0.25], np.float32))
+    assert np.abs(scaled(x, tt, y=y).numpy()[1]).max() == 0.0 and np.abs(scaled(x, tt, y=y).numpy()[0]).max() > 0
+
+
+def test_parse_guidance_interval_names_the_fix():
+    assert parse_guidance_interval("") is None
+    assert parse_guidance_interval(" 0,700 ") == (0, 700)
+    for bad in ("700", "a,b", "700,100", "0,1000", "-1,5"):
+        with pytest.raises(UserError, match="--guidance_interval"):
+            parse_guidance_interval(bad)
