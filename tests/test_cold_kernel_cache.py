@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training_helpers import REPO, assert_exit, finish, mpi_rank_pids, script_cmd, start, training_env, wait_for
+from training_helpers import REPO, assert_exit, finish, script_cmd, signal_rank_once_logged, start, training_env
 
 pytestmark = pytest.mark.scenario
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
@@ -132,17 +132,10 @@ def test_a_rank_killed_mid_step_ends_the_job_within_a_minute(cold_cache, images,
     env = dict(cold_cache[0])  # kernels compiled by the tests above
     cmd = MPIRUN + _train(images, 10000, ["--log_interval", 1, "--save_interval", 100000])
     job = start(cmd, training_env(tmp_path / "run", **env))
-    try:
-        wait_for(tmp_path / "run" / "log.txt", r"\|\s*step\s*\|\s*2 ", job, timeout=900)
-        os.kill(mpi_rank_pids(job)[1], signum)
-        killed = time.time()
-        out, err = job.communicate(timeout=120)
-        seconds = time.time() - killed
-    finally:
-        if job.poll() is None:
-            job.kill()
-    text = out + err
-    print("%s to rank 1: the job ended %.1f s later, exit %d" % (signal.Signals(signum).name, seconds, job.returncode))
-    assert job.returncode != 0, text[-3000:]
+    ended = signal_rank_once_logged(job, tmp_path / "run" / "log.txt", r"\|\s*step\s*\|\s*2 ", 1, signum)
+    text, seconds = ended["output"], ended["seconds"]
+    print("%s to rank 1: the job ended %.1f s later, exit %d" % (signal.Signals(signum).name, seconds,
+                                                                ended["returncode"]))
+    assert ended["returncode"] != 0, text[-3000:]
     assert seconds < 60, "the job took %.0f s to end" % seconds
     assert "rank 1" in text and "signal %d" % signum in text, text[-3000:]  # mpirun names the rank and the signal

@@ -163,3 +163,20 @@ def _descendants(pid: int) -> List[int]:
     for parent in found:
         found.extend(children.get(parent, []))
     return found[1:]
+
+
+def signal_rank_once_logged(job: subprocess.Popen, log_path, pattern: str, rank: int, signum: int,
+                            timeout: float = 900.0) -> dict:
+    """Once `pattern` appears in `log_path`, send `signum` to MPI rank `rank` of the mpirun `job` and wait for the
+    job to end: {"returncode", "seconds" (from the signal to the end), "output"}."""
+    try:
+        wait_for(log_path, pattern, job, timeout=timeout)
+        os.kill(mpi_rank_pids(job)[rank], signum)
+        signalled = time.time()
+        out, err = job.communicate(timeout=120)
+        seconds = time.time() - signalled
+    finally:
+        if job.poll() is None:
+            job.terminate()
+            job.communicate()
+    return {"returncode": job.returncode, "seconds": seconds, "output": out + err}
