@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from unittest import mock
+import types
 from glob import glob
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -26,12 +26,12 @@ from guided_diffusion import dist_util
 from guided_diffusion.class_labels import ClassListing, class_count_problem, find_classes
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
 from guided_diffusion.fp16_util import sums_of_squares
-from guided_diffusion.sampling import SAMPLERS
+from guided_diffusion import samplers
+from guided_diffusion.guidance import parse_guidance_interval
 from guided_diffusion.train_util import AdamW, save_on_main_process
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
 from download import find_model, pretrained_models
-import models
 from models import DiT, DiT_models
 
 # Stable Diffusion's latent scaling factor, applied by DiT (not inside the VAE).
@@ -68,25 +68,52 @@ def add_vae_flags(parser: argparse.ArgumentParser, default_vae: str) -> None:
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """--num-sampling-steps (the reference's, default 250) and --sampler (default: the reference's DDPM)."""
+    """--num-sampling-steps (the reference's, default 250), --sampler (default: the reference's DDPM) with UniPC's
+    options, and the guidance interval and rescale of classifier-free guidance (default off)."""
     parser.add_argument("--num-sampling-steps", type=int, default=250,
                         help="sampling steps, respaced from the 1000 of training (uniform for ddpm and ddim, uniform "
-                             "in log-SNR for the dpm++ samplers)")
-    parser.add_argument("--sampler", type=str, choices=list(SAMPLERS), default="ddpm",
-                        help="ddpm (the reference's), ddim (eta 0), or DPM-Solver++ multistep dpm++2m / dpm++3m, "
-                             "which need far fewer steps (e.g. --num-sampling-steps 20)")
+                             "in log-SNR for the ODE samplers dpm++2m, dpm++3m and unipc)")
+    parser.add_argument("--sampler", type=str, choices=list(samplers.SAMPLER_NAMES), default="ddpm",
+                        help="; ".join("%s: %s" % (s.name, s.summary) for s in samplers.SAMPLERS.values())
+                        + ". The ODE samplers need far fewer steps (e.g. --sampler unipc --num-sampling-steps 10)")
+    parser.add_argument("--unipc-order", type=int, default=samplers.UNIPC_DEFAULTS["order"],
+                        help="--sampler unipc: order of the predictor, 1-3 (the corrector adds one)")
+    parser.add_argument("--unipc-variant", type=str, default=samplers.UNIPC_DEFAULTS["variant"],
+                        help="--sampler unipc: B(h) = h (bh1) or e^h - 1 (bh2)")
+    parser.add_argument("--guidance-interval", type=str, default="",
+                        help="LO,HI: classifier-free guidance only at timesteps LO <= t <= HI (0..999), elsewhere "
+                             "the conditional prediction alone; empty: at every step")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="rescale the guided eps's standard deviation toward the conditional one by this factor "
+                             "(Lin et al. 2023; diffusers' guidance_rescale); 0: off")
+
+
+def sampler_choice(args: argparse.Namespace) -> samplers.SamplerChoice:
+    """The sampler and its options that --sampler, --unipc-order and --unipc-variant ask for."""
+    return samplers.choice_from_args(args, dashed=True)
 
 
 def sampling_spacing(args: argparse.Namespace) -> str:
-    """The respacing of --num-sampling-steps for --sampler: "N" (the reference's) or "logsnrN" for DPM-Solver++."""
-    n = args.num_sampling_steps
-    return ("logsnr%d" % n) if args.sampler.startswith("dpm++") else str(n)
+    """The respacing of --num-sampling-steps for --sampler: "N" (the reference's) or "logsnrN" for the ODE
+    samplers (the sampler table's grid)."""
+    return samplers.grid_for_steps(sampler_choice(args), args.num_sampling_steps)
+
+
+def cfg_kwargs(args: argparse.Namespace) -> Dict[str, object]:
+    """forward_with_cfg's keyword arguments from the flags (the interval parsed; both off by default)."""
+    interval = parse_guidance_interval(args.guidance_interval, 1000, flag="--guidance-interval")
+    return dict(cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels,
+                guidance_interval=interval, guidance_rescale=args.guidance_rescale)
 
 
 def check_sampling_flags(check: InputCheck, args: argparse.Namespace) -> None:
     """Record, in `check`, problems of the sampling flags shared by sample.py and sample_ddp.py."""
     if not 1 <= args.num_sampling_steps <= 1000:
         check.problem("--num-sampling-steps must lie in 1..1000 (got %d)" % args.num_sampling_steps)
+    check(sampler_choice, args)
+    check(parse_guidance_interval, args.guidance_interval, 1000, flag="--guidance-interval")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        check.problem("--guidance-rescale %g: give a factor in [0, 1] (0: off)" % args.guidance_rescale)
 
 
 def vae_folder(args: argparse.Namespace) -> str:
@@ -101,11 +128,14 @@ def vae_folder(args: argparse.Namespace) -> str:
 
 def model_config(name: str) -> Dict[str, int]:
     """depth / hidden_size / patch_size / num_heads of a registry name such as "DiT-XL/2", read from the registry
-    itself: its function runs with models.DiT replaced by dict, so it returns its arguments and builds nothing."""
+    itself: a copy of its function whose name DiT is bound to dict returns its arguments and builds nothing (the
+    models module is left untouched)."""
     if name not in DiT_models:
         raise UserError("unknown --model %r: choose one of %s" % (name, ", ".join(DiT_models)))
-    with mock.patch.object(models, "DiT", dict):
-        return DiT_models[name]()
+    fn = DiT_models[name]
+    reader = types.FunctionType(fn.__code__, dict(fn.__globals__, DiT=dict), fn.__name__, fn.__defaults__,
+                                fn.__closure__)
+    return reader()
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:

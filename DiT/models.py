@@ -7,7 +7,7 @@ A faithful port of facebookresearch/DiT ``models.py``: the same classes, paramet
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from jittor import nn
 
 from guided_diffusion import cpu
 from guided_diffusion import nn as gd_nn
+from guided_diffusion.guidance import interval_mask, rescale_noise_cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,21 +322,35 @@ class DiT(nn.Module):
         return self.execute(x, t, y)
 
     def forward_with_cfg(self, x: jt.Var, t: jt.Var, y: jt.Var, cfg_scale: float,
-                         guide_all_channels: bool = False) -> jt.Var:
+                         guide_all_channels: bool = False, guidance_interval: Optional[Tuple[int, int]] = None,
+                         guidance_rescale: float = 0.0) -> jt.Var:
         """Classifier-free guidance on a doubled batch [cond | null], exactly as released.
 
         As in the reference, only the first half of ``x`` is used (it is duplicated), and by default guidance is
         applied to the first 3 eps channels only (the released code keeps this "for exact reproducibility"); the
         remaining eps channel and the learned-variance channels come through unguided. ``guide_all_channels=True``
         applies guidance to all ``in_channels`` eps channels instead (the standard formulation).
+        ``guidance_interval=(LO, HI)`` guides only at timesteps LO <= t <= HI (elsewhere both halves get the
+        conditional output, and the null half is not computed); ``guidance_rescale`` > 0 rescales the guided eps
+        channels toward the conditional ones' standard deviation (diffusers' rescale_noise_cfg). Both are off by
+        default.
         """
-        half = x[: x.shape[0] // 2]
+        n = x.shape[0] // 2
+        half = x[:n]
+        if guidance_interval is not None and not interval_mask(t[:n], guidance_interval).any():
+            cond_out = self.execute(half, t[:n], y[:n])
+            return jt.concat([cond_out, cond_out], dim=0)
         combined = jt.concat([half, half], dim=0)
         model_out = self.execute(combined, t, y)
         n_guided = self.in_channels if guide_all_channels else 3
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = eps[: eps.shape[0] // 2], eps[eps.shape[0] // 2:]
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        if guidance_rescale:
+            half_eps = rescale_noise_cfg(half_eps, cond_eps, guidance_rescale)
+        if guidance_interval is not None:  # samples whose timestep lies outside keep the conditional eps
+            inside = jt.array(interval_mask(t[:n], guidance_interval).astype(np.float32)).reshape(-1, 1, 1, 1)
+            half_eps = inside * half_eps + (1.0 - inside) * cond_eps
         eps = jt.concat([half_eps, half_eps], dim=0)
         return jt.concat([eps, rest], dim=1)
 

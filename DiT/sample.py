@@ -76,9 +76,10 @@ def main() -> None:
     z = jt.concat([z, z], dim=0)
     y_null = jt.array(np.full((n,), args.num_classes, dtype=np.int32))
     y = jt.concat([y, y_null], dim=0)
-    model_kwargs = dict(y=y, cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels)
+    model_kwargs = dict(y=y, **dit_util.cfg_kwargs(args))
 
-    samples = run_diffusion(diffusion, model.forward_with_cfg, z.shape, sampler=args.sampler, noise=z,
+    samples = run_diffusion(diffusion, model.forward_with_cfg, z.shape, sampler=dit_util.sampler_choice(args),
+                            noise=z,
                             clip_denoised=False, model_kwargs=model_kwargs, progress=True)
     samples = samples[:n]  # remove null class samples
     samples = dit_util.decode_latents(vae, samples)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.model_loading import check_count  # noqa: E402
-from guided_diffusion.sampling import generate_samples, run_diffusion, seed_batch  # noqa: E402
+from guided_diffusion.sampling import generate_samples, run_diffusion, sampling_run_config, seed_batch  # noqa: E402
 
 import dit_util  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
@@ -83,8 +83,9 @@ def main() -> None:
     ckpt_string_name = os.path.basename(ckpt).replace(".pt", "") if args.ckpt else "pretrained"
     folder_name = "%s-%s-size-%d-vae-%s-cfg-%s-seed-%d" % (model_string_name, ckpt_string_name, args.image_size,
                                                          args.vae, args.cfg_scale, args.global_seed)
+    sampler = dit_util.sampler_choice(args)
     if args.sampler != "ddpm":  # the reference's name stays the name of its DDPM samples
-        folder_name += "-%s-%d" % (args.sampler, args.num_sampling_steps)
+        folder_name += "-%s-%d" % (sampler.label(), args.num_sampling_steps)
     sample_folder_dir = os.path.join(args.sample_dir, folder_name)
     channels = model.in_channels
 
@@ -96,18 +97,18 @@ def main() -> None:
         if using_cfg:
             z = jt.concat([z, z], dim=0)
             y = jt.concat([y, jt.array(np.full((n,), args.num_classes, dtype=np.int32))], dim=0)
-            model_kwargs = dict(y=y, cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels)
+            model_kwargs = dict(y=y, **dit_util.cfg_kwargs(args))
             sample_fn = model.forward_with_cfg
         else:
             model_kwargs = dict(y=y)
             sample_fn = model.forward
-        samples = run_diffusion(diffusion, sample_fn, z.shape, sampler=args.sampler, noise=z, clip_denoised=False,
+        samples = run_diffusion(diffusion, sample_fn, z.shape, sampler=sampler, noise=z, clip_denoised=False,
                                 model_kwargs=model_kwargs, progress=False)
         if using_cfg:
             samples = samples[:n]  # remove null class samples
         return dit_util.images_to_uint8_dit(dit_util.decode_latents(vae, samples)), labels
 
-    run_config = {k: v for k, v in vars(args).items() if k not in ("tf32",)}
+    run_config = {k: v for k, v in sampling_run_config(args).items() if k not in ("tf32",)}
     path = generate_samples(sample_batch, num_samples=args.num_fid_samples, batch_size=args.per_proc_batch_size,
                             out_dir=sample_folder_dir, image_shape=(args.image_size, args.image_size, 3),
                             desc="DiT sampling", run_config=run_config)

@@ -89,6 +89,26 @@ def test_forward_with_cfg_guides_first_three_channels_unless_asked(tiny, ref):
     np.testing.assert_allclose(all_ch[:, 4:], released[:, 4:], atol=1e-6)
 
 
+def test_forward_with_cfg_interval_and_rescale_default_off_and_act_as_asked(tiny, ref):
+    x, y = _var(ref["cfg_x"]), _var(ref["cfg_y"])
+    n = x.shape[0] // 2
+    t = jt.array(np.full((2 * n,), 500, dtype=np.int32))
+    released = tiny.forward_with_cfg(x, t, y, 4.0).numpy()
+    np.testing.assert_array_equal(tiny.forward_with_cfg(x, t, y, 4.0, guidance_interval=None,
+                                                        guidance_rescale=0.0).numpy(), released)
+    np.testing.assert_allclose(tiny.forward_with_cfg(x, t, y, 4.0, guidance_interval=(500, 999)).numpy(), released,
+                               atol=1e-6)
+    plain = tiny(jt.concat([x[:n], x[:n]]), t, y).numpy()
+    outside = tiny.forward_with_cfg(x, t, y, 4.0, guidance_interval=(0, 499)).numpy()
+    np.testing.assert_allclose(outside, np.concatenate([plain[:n], plain[:n]]), atol=1e-5)
+    rescaled = tiny.forward_with_cfg(x, t, y, 4.0, guidance_rescale=0.7).numpy()
+    cond = plain[:n, :3]
+    std = lambda a: a.reshape(a.shape[0], -1).std(axis=1, ddof=1).reshape(-1, 1, 1, 1)  # noqa: E731
+    guided = released[:n, :3]
+    np.testing.assert_allclose(rescaled[:n, :3], 0.7 * guided * std(cond) / std(guided) + 0.3 * guided, atol=1e-5)
+    np.testing.assert_allclose(rescaled[:, 3:], released[:, 3:], atol=1e-6)
+
+
 def test_label_dropout_is_on_in_train_mode_and_off_in_eval(kwargs):
     jt.set_global_seed(0)
     model = DiT(**dict(kwargs, class_dropout_prob=1.0))
