@@ -13,7 +13,7 @@ import os
 import re
 import types
 from glob import glob
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,10 +25,12 @@ from guided_diffusion import state_dicts as gd_state_dicts
 from guided_diffusion import dist_util
 from guided_diffusion.class_labels import ClassListing, class_count_problem, find_classes
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
-from guided_diffusion.fp16_util import sums_of_squares
 from guided_diffusion import samplers
 from guided_diffusion.guidance import parse_guidance_interval
-from guided_diffusion.train_util import AdamW, save_on_main_process
+from guided_diffusion.run_guard import RunGuard
+from guided_diffusion.training.checkpoints import CheckpointIO, DiTLayout
+from guided_diffusion.training.ema import EMA, ema_std_name, parse_ema_stds
+from guided_diffusion.training.optim import AdamW
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
 from download import find_model, pretrained_models
@@ -369,8 +371,8 @@ def _checkpoint_steps(ckpt_dir: str) -> List[int]:
 
 
 def find_run_to_continue(args: argparse.Namespace) -> Optional[str]:
-    """The newest checkpoint of the newest run in --results-dir made by the same command (same run-defining
-    flags), so that rerunning a command after a stop continues its run instead of starting over."""
+    """The newest complete checkpoint set of the newest run in --results-dir made by the same command (same
+    run-defining flags), so that rerunning a command after a stop continues its run instead of starting over."""
     pattern = re.compile(r"^\d{3}-%s$" % re.escape(args.model.replace("/", "-")))
     if not os.path.isdir(args.results_dir):
         return None
@@ -381,9 +383,9 @@ def find_run_to_continue(args: argparse.Namespace) -> Optional[str]:
                 same = json.load(f) == json.loads(json.dumps(run_flags(args)))
         except (OSError, ValueError):
             continue
-        steps = _checkpoint_steps(os.path.join(folder, "checkpoints"))
-        if same and steps:
-            return os.path.join(folder, "checkpoints", "%07d.pt" % steps[-1])
+        newest = training_checkpoints(None, args, RunGuard()).newest(os.path.join(folder, "checkpoints"))
+        if same and newest:
+            return newest[0]
     return None
 
 
@@ -411,33 +413,36 @@ def experiment_dir_for(args: argparse.Namespace, resume_steps: int, resume: Opti
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW, args: argparse.Namespace) -> None:
-    """Write {"model", "ema", "opt", "args"} (the reference's layout) atomically in torch's zip format."""
-    state = {
+def training_checkpoints(checkpoint_dir: Optional[str], args: argparse.Namespace, guard: RunGuard,
+                         log=print) -> CheckpointIO:
+    """The checkpoint object of a train.py run: DiT's layout ({step:07d}.pt, phema_<std>_<step>.pt per --ema-std)."""
+    names = [ema_std_name(s) for s in parse_ema_stds(getattr(args, "ema_std", ""))]
+    return CheckpointIO(checkpoint_dir, DiTLayout(names), guard, log=log, log_each_file=False)
+
+
+def training_states(model: DiT, ema: DiT, opt: AdamW, args: argparse.Namespace,
+                    power_emas: Sequence[EMA] = ()) -> Dict[str, object]:
+    """The named states of a train.py checkpoint set: the reference's {"model", "ema", "opt", "args"} and one
+    model state dict per power-function EMA (numpy copies; the Vars must be computed already)."""
+    states = {
         "model": gd_state_dicts.module_state_dict(model),
         "ema": gd_state_dicts.module_state_dict(ema),
         "opt": opt.state_dict(),
         "args": args,
     }
-    gd_checkpoint.save_file(state, path)
+    names = [n for n, _ in model.named_parameters()]
+    for power_ema in power_emas:
+        for name, values in power_ema.state().items():
+            state = gd_state_dicts.module_state_dict(model)
+            state.update((n, np.array(v.numpy(), copy=True)) for n, v in zip(names, values))
+            states[name] = state
+    return states
 
 
-def save_training_checkpoint_on_main(checkpoint_dir: Optional[str], step: int, model: DiT, ema: DiT, opt: AdamW,
-                                     args: argparse.Namespace, guard) -> Optional[str]:
-    """Write checkpoints/{step:07d}.pt on rank 0 (all ranks call it); weights gone non-finite are never written.
-
-    Returns the path on rank 0 (None elsewhere).
-    """
-    guard.check_finite_weights(step, sums_of_squares(list(model.parameters()) + list(ema.parameters())))
-    path = os.path.join(checkpoint_dir, f"{step:07d}.pt") if checkpoint_dir else None
-    save_on_main_process(lambda: save_training_checkpoint(path, model, ema, opt, args))
-    if path:
-        guard.saved(path)
-    return path
-
-
-def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW) -> int:
-    """Restore model, EMA and optimizer from a train.py checkpoint; returns the number of steps already trained."""
+def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW,
+                             power_emas: Sequence[EMA] = (), checkpoints: Optional[CheckpointIO] = None) -> int:
+    """Restore model, EMA, optimizer (and the power-function EMAs of its set) from a train.py checkpoint; returns
+    the number of steps already trained."""
     if not os.path.isfile(path):
         raise CheckpointError("--resume %s: file not found; give a checkpoint written by train.py "
                               "(results/NNN-model/checkpoints/XXXXXXX.pt)" % path)
@@ -448,4 +453,16 @@ def load_training_checkpoint(path: str, model: DiT, ema: DiT, opt: AdamW) -> int
     gd_state_dicts.load_state_dict_strict(model, ckpt["model"], source="--resume %s (model)" % path)
     gd_state_dicts.load_state_dict_strict(ema, ckpt["ema"], source="--resume %s (ema)" % path)
     opt.load_state_dict(ckpt["opt"], source="--resume %s (opt)" % path)
-    return int(opt.n_step)
+    step = int(opt.n_step)
+    if power_emas and checkpoints is not None:
+        checkpoints.check_complete(path, step)
+        snapshots = checkpoints.read(path, step)
+        names = [n for n, _ in model.named_parameters()]
+        for power_ema in power_emas:
+            for name in power_ema.names:
+                state = snapshots[name]
+                missing = [n for n in names if n not in state]
+                if missing:
+                    raise CheckpointError("%s does not fit the model (missing %s)" % (name, ", ".join(missing[:3])))
+                power_ema.load(name, [jt.array(np.asarray(state[n], np.float32)) for n in names])
+    return step

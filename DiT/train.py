@@ -27,7 +27,11 @@ from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.image_datasets import BatchIterator  # noqa: E402
 from guided_diffusion.nn import update_ema  # noqa: E402
 from guided_diffusion.run_guard import RunGuard  # noqa: E402
-from guided_diffusion.train_util import AdamW, seed_training_step, seeded_initialisation  # noqa: E402
+from guided_diffusion.train_util import seeded_initialisation  # noqa: E402
+from guided_diffusion.training.ema import MultiRateEMA, PowerFunctionEMA, parse_ema_stds  # noqa: E402
+from guided_diffusion.training.loop import StepOutcome, TrainingLoop, stop_step  # noqa: E402
+from guided_diffusion.training.optim import AdamW  # noqa: E402
+from guided_diffusion.training.phema import MAX_STD  # noqa: E402
 
 import dit_util  # noqa: E402
 import features  # noqa: E402
@@ -62,6 +66,11 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt-every", type=int, default=50_000, help="write a checkpoint every this many steps")
     parser.add_argument("--resume", type=str, default=None,
                         help="continue from a checkpoint written by this script (.../checkpoints/XXXXXXX.pt)")
+    parser.add_argument("--ema-std", type=str, default="",
+                        help="post-hoc EMA: comma-separated relative stds (e.g. 0.05,0.1), one power-function EMA "
+                             "each, saved as phema_<std>_<step>.pt with every checkpoint (empty: off)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="end after this many optimizer steps with a checkpoint (0: run all --epochs)")
     parser.add_argument("--grad-checkpoint", action="store_true",
                         help="recompute each DiT block in the backward pass: less memory, more time, same result")
     dit_util.add_model_override_flags(parser)
@@ -78,6 +87,13 @@ def main() -> None:
                       % (args.global_batch_size, world))
     if args.log_every < 1 or args.ckpt_every < 1 or args.epochs < 1:
         check.problem("--log-every, --ckpt-every and --epochs must be at least 1")
+    if args.max_steps < 0:
+        check.problem("--max-steps must be 0 (no limit) or positive (got %d)" % args.max_steps)
+    try:
+        parse_ema_stds(args.ema_std)
+    except ValueError as exc:
+        check.problem("--ema-std %r must be comma-separated relative stds in (0, %g], e.g. 0.05,0.1 (%s)"
+                      % (args.ema_std, MAX_STD, exc))
     if args.resume and not os.path.isfile(args.resume):
         check.problem("--resume %s: file not found; give a checkpoint written by train.py "
                       "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
@@ -103,11 +119,17 @@ def main() -> None:
     loader = BatchIterator(dataset, args.global_batch_size // world, shuffle=True, seed=args.global_seed,
                            rank=rank, world_size=world)
 
-    train_steps = dit_util.load_training_checkpoint(resume, model, ema, opt) if resume else 0
+    guard = RunGuard(last_checkpoint=resume)
+    emas = [MultiRateEMA(model.parameters(), [0.9999], averages=[list(ema.parameters())])]
+    stds = parse_ema_stds(args.ema_std)
+    power_emas = [PowerFunctionEMA(model.parameters(), stds)] if stds else []
+    checkpoints = dit_util.training_checkpoints(None, args, guard)
+    train_steps = dit_util.load_training_checkpoint(resume, model, ema, opt, power_emas, checkpoints) if resume else 0
     experiment_dir = dit_util.experiment_dir_for(args, train_steps, resume) if rank == 0 else None
     logger = dit_util.create_logger(experiment_dir)
     loader.warn = logger.warning
-    checkpoint_dir = os.path.join(experiment_dir, "checkpoints") if experiment_dir else None
+    guard.log = checkpoints.log = logger.info
+    checkpoints.folder = os.path.join(experiment_dir, "checkpoints") if experiment_dir else None
     logger.info("Experiment directory created at %s" % experiment_dir)
     if resume:
         logger.info("Resumed from %s at step %d%s" % (resume, train_steps, "" if args.resume else
@@ -120,46 +142,45 @@ def main() -> None:
     model.train()  # important! This enables embedding dropout for classifier-free guidance
     ema.eval()  # EMA model should always be in eval mode
     steps_per_epoch = loader.batches_per_epoch  # the same on every rank (the order is padded)
-    total_steps = args.epochs * steps_per_epoch
     loader.seek(train_steps)
-    log_steps, running_loss, start_time, logged_epoch = 0, 0.0, time(), -1
+    logged = dict(steps=0, loss=0.0, start=time(), epoch=-1)
     logger.info("Training for %d epochs..." % args.epochs)
-    guard = RunGuard(log=logger.info, last_checkpoint=resume)
-    with guard:
-        while train_steps < total_steps:
-            if train_steps // steps_per_epoch != logged_epoch:
-                logged_epoch = train_steps // steps_per_epoch
-                logger.info("Beginning epoch %d..." % logged_epoch)
-            images, cond = next(loader)
-            seed_training_step(args.global_seed, train_steps)
-            x = to_latents(images)  # the step's first random draw: a sample of the VAE posterior
-            x.sync()  # drawn before t and the noise on either path (Jittor draws when an op executes)
-            y = jt.array(cond["y"].astype(np.int32))
-            t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
-            opt.step(loss)
-            update_ema(ema.parameters(), model.parameters(), rate=0.9999)
-            jt.sync(list(model.parameters()) + list(ema.parameters()) + opt.param_groups[0]["m"]
-                    + opt.param_groups[0]["values"])
 
-            loss_value = float(loss.item())
-            running_loss += loss_value
-            log_steps += 1
-            train_steps += 1
-            stop = guard.after_step(train_steps, {"loss": loss_value})
-            if train_steps % args.log_every == 0:
-                steps_per_sec = log_steps / (time() - start_time)
-                avg_loss = float(dist_util.all_reduce_mean_array(np.array(running_loss / log_steps)))
-                bad = f", Skipped Images: {loader.bad_images}" if loader.bad_images else ""
-                logger.info(f"(step={train_steps:07d}) Train Loss: {avg_loss:.4f}, "
-                            f"Train Steps/Sec: {steps_per_sec:.2f}{bad}")
-                running_loss, log_steps, start_time = 0.0, 0, time()
-            if train_steps % args.ckpt_every == 0 or stop or train_steps == total_steps:
-                path = dit_util.save_training_checkpoint_on_main(checkpoint_dir, train_steps, model, ema, opt,
-                                                                 args, guard)
-                logger.info(f"Saved checkpoint to {path}")
-            if stop:
-                guard.exit_after_save(train_steps, path)
+    def step_fn(step: int) -> StepOutcome:
+        if step // steps_per_epoch != logged["epoch"]:
+            logged["epoch"] = step // steps_per_epoch
+            logger.info("Beginning epoch %d..." % logged["epoch"])
+        images, cond = next(loader)
+        x = to_latents(images)  # the step's first random draw: a sample of the VAE posterior
+        x.sync()  # drawn before t and the noise on either path (Jittor draws when an op executes)
+        y = jt.array(cond["y"].astype(np.int32))
+        t = jt.randint(0, diffusion.num_timesteps, (x.shape[0],), dtype="int32")
+        loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        opt.step(loss)
+        return StepOutcome(True, {"loss": loss})
+
+    def log(step: int, outcome: StepOutcome) -> None:
+        logged["loss"] += float(outcome.losses["loss"].item())
+        logged["steps"] += 1
+        if (step + 1) % args.log_every == 0:
+            steps_per_sec = logged["steps"] / (time() - logged["start"])
+            avg_loss = float(dist_util.all_reduce_mean_array(np.array(logged["loss"] / logged["steps"])))
+            bad = f", Skipped Images: {loader.bad_images}" if loader.bad_images else ""
+            logger.info(f"(step={step + 1:07d}) Train Loss: {avg_loss:.4f}, "
+                        f"Train Steps/Sec: {steps_per_sec:.2f}{bad}")
+            logged.update(steps=0, loss=0.0, start=time())
+
+    def save(step: int):
+        weights = list(model.parameters()) + [v for e in emas + power_emas for v in e.vars()]
+        path = checkpoints.save(step, lambda: dit_util.training_states(model, ema, opt, args, power_emas), weights)
+        logger.info(f"Saved checkpoint to {path}")
+        return path
+
+    TrainingLoop(seed=args.global_seed, guard=guard, emas=emas + power_emas, params=lambda: model.parameters(),
+                 sync_vars=lambda: list(model.parameters()) + opt.param_groups[0]["m"] + opt.param_groups[0]["values"],
+                 save=save, save_interval=args.ckpt_every, stop_at=stop_step(args.epochs * steps_per_epoch,
+                                                                             args.max_steps),
+                 log=log).run(train_steps, step_fn)
     loader.close()
     model.eval()  # important! This disables randomized embedding dropout
     logger.info("Done!")
