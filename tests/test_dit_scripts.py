@@ -226,3 +226,44 @@ def test_train_sigterm_saves_a_checkpoint_exits_143_and_a_rerun_ends_with_the_un
     assert 3 <= out["step"] < 24 and out["worst_relative_difference"] == 0.0
     assert os.listdir(tmp_path / "run") == ["000-DiT-S-4"]  # the rerun continued the run in its own folder
     assert "the newest checkpoint of this command's run" in (tmp_path / "run" / "000-DiT-S-4" / "log.txt").read_text()
+
+
+def test_train_with_ema_std_saves_power_emas_beside_each_checkpoint_and_resumes_them_exactly(tmp_path):
+    """--ema-std 0.05,0.1 --ckpt-every 1: phema_<std>_<step>.pt beside every checkpoint equal EDM2's recursion on the
+    model weights of steps 1..k (betas from EDM2's code, tests/fixtures/phema); a resumed run continues them bit for
+    bit; reconstruct_ema.py on the run folder writes a state dict with the model's keys and shapes (--ckpt)."""
+    edm2 = np.load(os.path.join(ROOT, "tests", "fixtures", "phema", "edm2_phema.npz"))
+    data = _image_folder(str(tmp_path / "data"))
+    common = TINY_MODEL + ["--num-classes", "2", "--data-path", data, "--batch-size", "2", "--results-dir", "res",
+                           "--log-every", "1", "--ckpt-every", "1", "--epochs", "2", "--ema-std", "0.05,0.1"]
+    _run("train.py", common, tmp_path)
+    ckpts = tmp_path / "res" / "000-DiT-S-4" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["%07d.pt" % k for k in range(1, 5)] + [
+        "phema_%s_%06d.pt" % (s, k) for s in ("0.050", "0.100") for k in range(1, 5)]
+    for i, std in enumerate((0.05, 0.1)):
+        ema = None
+        for k in range(1, 5):
+            raw = load_file(str(ckpts / ("%07d.pt" % k)))["model"]
+            beta = edm2["betas"][i, k - 1]
+            ema = {n: v.astype(np.float64) for n, v in raw.items()} if ema is None else {
+                n: ema[n] + (1 - beta) * (raw[n].astype(np.float64) - ema[n]) for n in ema}
+            snapshot = load_file(str(ckpts / ("phema_%.3f_%06d.pt" % (std, k))))
+            assert set(snapshot) == set(raw)
+            for n in raw:
+                np.testing.assert_allclose(snapshot[n], ema[n], rtol=1e-5, atol=1e-6, err_msg="%g %d %s" % (std, k, n))
+
+    _run("train.py", common + ["--resume", str(ckpts / "0000002.pt")], tmp_path)
+    resumed = tmp_path / "res" / "001-DiT-S-4" / "checkpoints"
+    for name in ("phema_0.050_000004.pt", "phema_0.100_000004.pt"):
+        a, b = load_file(str(ckpts / name)), load_file(str(resumed / name))
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=name + ":" + k)
+
+    out = tmp_path / "dit_ema.pt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reconstruct_ema.py"), "--log_dir",
+                           str(tmp_path / "res" / "000-DiT-S-4"), "--std", "0.08", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "from 8 snapshots" in proc.stdout
+    loaded = download.find_model(str(out))  # what sample.py's --ckpt loads (strictly: same keys and shapes)
+    assert {k: v.shape for k, v in loaded.items()} == {k: v.shape for k, v in raw.items()}
