@@ -6,5 +6,6 @@ The training core shared by every trainer (ADM's TrainLoop and ClassifierTrainLo
   set found again, the run guard's stop/non-finite/disk-full hooks), with a layout adapter per file family;
 * ``ema.py``: weight averages behind one interface (the references' multi-rate EMA, EDM2's power-function EMA);
 * ``phema.py``: the power-function EMA's mathematics and the post-hoc reconstruction's least squares (numpy);
+* ``reconstruct.py``: post-hoc EMA from a run's snapshot files (scripts/reconstruct_ema.py);
 * ``optim.py``: AdamW with a torch-style state dict, and the learning-rate schedules.
 """
