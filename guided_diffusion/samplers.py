@@ -128,8 +128,7 @@ def run_sampler(diffusion, model_fn, shape: Sequence[int], sampler="ddpm", **loo
 def sampler_flag_help() -> str:
     """The --sampler help text, built from the table."""
     names = "; ".join("%s (%s)" % (s.name, s.summary) for s in SAMPLERS.values())
-    return ("%s. The ODE solvers need 10-20 steps; recommended: --sampler unipc with --timestep_respacing "
-            "logsnrN for the linear schedule (a grid uniform in log-SNR, as the solvers want) or ddimN for the "
-            "cosine schedule (its last timesteps, alpha_bar down to 2e-9, amplify an imperfect model's x_0 "
-            "prediction, and a log-SNR grid crowds its steps there); unset: ddpm, or ddim with --use_ddim True"
-            % names)
+    return ("%s. The ODE solvers need 10-20 steps; recommended: --sampler unipc (order 2, bh2) with "
+            "--timestep_respacing logsnrN, N = 10-15 (a grid uniform in log-SNR, as the solvers want; with "
+            "classifier guidance at 10 model calls it kept the demo's accuracy at 0.94 where DPM-Solver++ 2M on "
+            "ddim10 fell to 0.81, bench/RESULTS.md); unset: ddpm, or ddim with --use_ddim True" % names)

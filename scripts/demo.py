@@ -1,7 +1,7 @@
 """
 The whole pipeline offline on the CPU in a few minutes: class-conditional MNIST digits from the small checkpoints in
 scripts/demo/, one row per digit, sampled four ways (unguided with the null label, conditional, classifier-free
-guidance, classifier guidance), each with DDIM and with the fast samplers (DPM-Solver++ and UniPC at 10 model calls).
+guidance, classifier guidance), each with DDIM and with the fast samplers (DPM-Solver++ and UniPC, 10 model calls).
 Writes the .npz files and PNG grids under --out_dir and prints, per run, how often the classifier (at t = 0) sees the
 requested digit, the colour spread |R-G|, |G-B| and the brightness of the 3-pixel border (the data: gray digits on
 black, so both are 0 there), then the accuracies of every sampler side by side.
@@ -118,8 +118,9 @@ def create_argparser() -> argparse.ArgumentParser:
                         help="the second sampler's steps: DDIM's even stride, which stays clear of the cosine "
                              "schedule's last timesteps (alpha_bar ~ 2e-9 at t = 999, where classifier guidance's "
                              "x_0 correction is amplified ~2e4-fold; a logsnrN grid starts there)")
-    parser.add_argument("--unipc_respacing", default="ddim10",
-                        help="the UniPC row's steps (10 model calls on DDIM's stride); none: skip the row")
+    parser.add_argument("--unipc_respacing", default="logsnr10",
+                        help="the UniPC row's steps: 10 model calls on the log-SNR grid (where UniPC kept classifier "
+                             "guidance best at 10 calls, bench/RESULTS.md); none: skip the row")
     parser.add_argument("--unipc_order", type=int, default=2, help="the UniPC row's predictor order (1-3)")
     parser.add_argument("--unipc_variant", default="bh2", help="the UniPC row's B(h): bh1 or bh2")
     parser.add_argument("--w", type=float, default=3.0,
