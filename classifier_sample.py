@@ -21,6 +21,7 @@ def main():
     sampling.check_sampling_flags(check, args)
     classes = check(model_loading.trained_classes, args.model_path, args.num_classes)
     fixed = check(model_loading.parse_class_labels, args.class_labels, classes or args.num_classes)
+    interval = check(guidance.parse_guidance_interval, args.guidance_interval, args.diffusion_steps)
     check(model_loading.require_file, args.model_path, what="diffusion model", flag="--model_path")
     check(model_loading.require_file, args.classifier_path, what="classifier", flag="--classifier_path")
     check.done()

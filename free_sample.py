@@ -48,6 +48,10 @@ def main():
             if path:
                 check(model_loading.require_file, path, what=what, flag=flag)
     fixed = check(model_loading.parse_class_labels, args.class_labels, classes or args.num_classes)
+    interval = check(guidance.parse_guidance_interval, args.guidance_interval, args.diffusion_steps)
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        check.problem("--guidance_rescale %g: give a factor in [0, 1] (0: off; diffusers suggests 0.7)"
+                      % args.guidance_rescale)
     check.done()
 
     dist_util.setup_dist()

@@ -1,6 +1,7 @@
 """Tests for guided_diffusion.samplers: the one sampler table read by the scripts, the flag help and DiT."""
 
 import argparse
+import os
 
 import guided_diffusion  # noqa: F401  (prepares Jittor's environment before jittor is imported)
 import jittor as jt
@@ -77,3 +78,21 @@ def test_flag_help_describes_the_sampler_and_guidance_flags():
     for flag in ("sampler", "unipc_order", "unipc_variant", "guidance_interval", "guidance_rescale"):
         assert flag in flag_help.FLAG_HELP
     assert "unipc" in flag_help.FLAG_HELP["sampler"]
+
+
+@pytest.mark.parametrize("script,flags,fix", [
+    ("free_sample.py", ["--guidance_interval", "0,2000", "--guidance_rescale", "3"],
+     ["--guidance_interval 0,2000", "--guidance_rescale 3"]),
+    ("classifier_sample.py", ["--guidance_interval", "5,1", "--sampler", "unipc", "--unipc_order", "4"],
+     ["--guidance_interval 5,1", "--unipc_order must be 1, 2 or 3"]),
+])
+def test_scripts_refuse_bad_sampler_and_guidance_flags_with_the_fix(script, flags, fix):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, script)] + flags, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    for text in fix:
+        assert text in proc.stderr + proc.stdout, (text, proc.stderr[-2000:])
