@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import jittor as jt
 import numpy as np
 
-from .runtime_values import runtime_var
+from .runtime_values import weighted_sum
 
 # diffusers lowers the second-to-last step's order only for walks shorter than this (lower_order_final=True).
 LOWER_ORDER_FINAL_STEPS = 15
@@ -131,10 +131,6 @@ class DPMSolverStep:
         )
         self.history = [pred_xstart] + self.history[: self.order - 1]
         order = self.orders[self.step]
-        weights = runtime_var(multistep_weights(self.alphas_cumprod_walk, self.step, order))
-        scalar_shape = [1] * len(x.shape)
-        sample = weights[0].reshape(scalar_shape) * x
-        for j in range(order):
-            sample = sample + weights[j + 1].reshape(scalar_shape) * self.history[j]
+        sample = weighted_sum(multistep_weights(self.alphas_cumprod_walk, self.step, order), [x] + self.history[:order])
         self.step += 1
         return {"sample": sample, "pred_xstart": pred_xstart}

@@ -2,6 +2,8 @@
 Values that enter a Jittor graph as runtime inputs (timesteps, step weights), never as constants baked into kernels.
 """
 
+from typing import Sequence
+
 import jittor as jt
 import numpy as np
 
@@ -18,3 +20,13 @@ def runtime_var(values, dtype=np.float32) -> jt.Var:
         flat = values.reshape(-1)
         return jt.array(np.concatenate([flat, flat]))[:1].reshape(values.shape)
     return jt.array(values)
+
+
+def weighted_sum(weights, terms: Sequence[jt.Var]) -> jt.Var:
+    """sum_j weights[j] * terms[j], the (float64 numpy) weights entering the graph as runtime Vars."""
+    w = runtime_var(weights)
+    shape = [1] * len(terms[0].shape)
+    out = w[0].reshape(shape) * terms[0]
+    for j in range(1, len(terms)):
+        out = out + w[j].reshape(shape) * terms[j]
+    return out

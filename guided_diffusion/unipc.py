@@ -24,7 +24,7 @@ import jittor as jt
 import numpy as np
 
 from .dpm_solver import data_prediction
-from .runtime_values import runtime_var
+from .runtime_values import weighted_sum
 
 #: The two choices of B(h) (the paper's B1(h) = h and B2(h) = e^h - 1; diffusers' default bh2).
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -142,15 +142,6 @@ def corrector_weights(alphas_cumprod_walk: np.ndarray, step: int, order: int, va
     return weights
 
 
-def _combine(weights: np.ndarray, terms: List[jt.Var]) -> jt.Var:
-    w = runtime_var(weights)
-    shape = [1] * len(terms[0].shape)
-    out = w[0].reshape(shape) * terms[0]
-    for j in range(1, len(terms)):
-        out = out + w[j].reshape(shape) * terms[j]
-    return out
-
-
 class UniPCStep:
     """One UniPC walk over a diffusion's timesteps, called like a sampler step (model, x, t, **kwargs).
 
@@ -183,11 +174,11 @@ class UniPCStep:
         if self.step > 0:
             c_order = self.orders[self.step - 1]
             weights = corrector_weights(self.alphas_cumprod_walk, self.step, c_order, self.variant)
-            x = _combine(weights, [self.last_sample, pred_xstart] + self.history[:c_order])
+            x = weighted_sum(weights, [self.last_sample, pred_xstart] + self.history[:c_order])
         self.history = [pred_xstart] + self.history[: self.order - 1]
         self.last_sample = x
         order = self.orders[self.step]
         weights = predictor_weights(self.alphas_cumprod_walk, self.step, order, self.variant)
-        sample = _combine(weights, [x] + self.history[:order])
+        sample = weighted_sum(weights, [x] + self.history[:order])
         self.step += 1
         return {"sample": sample, "pred_xstart": pred_xstart}
