@@ -13,9 +13,11 @@ process, and failed with `Error: no such instruction` on the garbled `.s` (and a
 rewrites it is the segfault in thread 'C4' seen on resume).
 
 The patch (one file, `src/jit_compiler.cc`; Jittor rebuilds its core on the next import):
-* `compile` holds an exclusive lock on `<kernel>_op.so.lock` (flock on a descriptor opened per call, so threads of
-  one process exclude each other as processes do) from writing the source to opening the library. A second
-  compile of the same kernel waits, then finds it built (the `.key` matches) and only opens it.
+* `compile` holds a per-kernel lock from writing the source to opening the library: a mutex per kernel for the
+  threads of one process, and a POSIX record lock (fcntl) on `<kernel>_op.so.lock` for processes. A second compile
+  of the same kernel waits, then finds it built (the `.key` matches) and only opens it. The record lock is dropped
+  by the kernel when its process dies and is not inherited by children (the first version of this patch used a
+  flock, which a child forked during a compile keeps holding after its parent is killed).
 * The kernel's source is written to a temporary file and renamed into place, so no compile reads half a source.
 Kill safety follows from the order Jittor already keeps: the `.key` is written only after the library is complete,
 and a library without a matching key is rebuilt; the lock dies with its process.
@@ -29,33 +31,51 @@ import importlib.util
 import os
 import sys
 
-MARKER = "guided-diffusion-jittor: per-kernel compile lock"
+MARKER = "guided-diffusion-jittor: per-kernel compile lock v2"
+# The first version of this patch (a flock per kernel) as written into Jittor, replaced by this one.
+OLD_MARKERS = ("guided-diffusion-jittor: per-kernel compile lock (",)
 
 HELPERS_ANCHOR = "JPU(header)\n"
-HELPERS = HELPERS_ANCHOR + r'''
+HELPERS = HELPERS_ANCHOR + r"""
 // %(marker)s (.ci/patch_jittor.py): one thread of one process compiles and
 // loads a given kernel at a time, and kernel sources are replaced atomically.
 #ifndef _WIN32
 #include <errno.h>
 #include <fcntl.h>
-#include <sys/file.h>
+#include <string.h>
 #include <unistd.h>
 #include <cstdio>
 #include <functional>
+#include <memory>
 #include <thread>
+#include <unordered_map>
 namespace jittor {
 namespace jit_compiler {
+// Threads of this process wait on a mutex per kernel; processes on a POSIX record lock of <kernel>_op.so.lock,
+// which the kernel drops when its process dies and which no child inherits (a flock would stay held by any
+// child forked while it is taken).
 struct KernelCompileLock {
+    std::unique_lock<std::mutex> in_process;
     int fd = -1;
-    explicit KernelCompileLock(const string& path) {
+    static std::mutex& mutex_of(const string& path) {
+        static std::mutex table_mutex;
+        static std::unordered_map<string, std::unique_ptr<std::mutex>> table;
+        std::lock_guard<std::mutex> guard(table_mutex);
+        auto& m = table[path];
+        if (!m) m.reset(new std::mutex());
+        return *m;
+    }
+    explicit KernelCompileLock(const string& path) : in_process(mutex_of(path)) {
         fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
         if (fd < 0) return;
-        while (::flock(fd, LOCK_EX) != 0 && errno == EINTR) {}
+        struct flock region;
+        memset(&region, 0, sizeof(region));
+        region.l_type = F_WRLCK;
+        region.l_whence = SEEK_SET;
+        while (::fcntl(fd, F_SETLKW, &region) != 0 && errno == EINTR) {}
     }
     ~KernelCompileLock() {
-        if (fd < 0) return;
-        ::flock(fd, LOCK_UN);
-        ::close(fd);
+        if (fd >= 0) ::close(fd);  // closing drops this process's record lock
     }
 };
 static void write_replacing(const string& path, const string& content) {
@@ -73,7 +93,7 @@ static void write_replacing(const string& path, const string& content) {
 } // jit_compiler
 } // jittor
 #endif
-''' % {"marker": MARKER}
+""" % {"marker": MARKER}
 
 COMPILE_ANCHOR = """    string other_src;
     LOGvvv << "Generate" << jit_src_path >> "\\n" >> src;
@@ -107,12 +127,25 @@ def is_patched(path: str) -> bool:
         return MARKER in f.read()
 
 
+def strip_old_version(text: str) -> str:
+    """Jittor's source with an earlier version of this patch taken back out (its helpers and its compile lines)."""
+    for old in OLD_MARKERS:
+        at = text.find("\n// " + old)
+        if at < 0 or not text[:at].endswith(HELPERS_ANCHOR):
+            continue
+        end = text.index("#endif\n", at) + len("#endif\n")
+        text = text[:at] + text[end:]
+        text = text.replace(COMPILE_PATCHED, COMPILE_ANCHOR)
+    return text
+
+
 def patch(path: str) -> bool:
-    """Apply the patch to `path` (atomically); False when it was already there."""
+    """Apply the patch to `path` (atomically; an earlier version of it is replaced); False when it was there."""
     with open(path) as f:
         text = f.read()
     if MARKER in text:
         return False
+    text = strip_old_version(text)
     if text.count(HELPERS_ANCHOR) != 1 or text.count(COMPILE_ANCHOR) != 1:
         raise SystemExit(
             "[patch_jittor] %s is not the Jittor 1.3.11 source this patch was written for; install jittor==1.3.11.0 "

@@ -63,7 +63,7 @@ def _check_onednn() -> None:
 
 
 # The marker .ci/patch_jittor.py writes into Jittor's src/jit_compiler.cc (`make setup` applies it).
-_COMPILE_LOCK_MARKER = "guided-diffusion-jittor: per-kernel compile lock"
+_COMPILE_LOCK_MARKER = "guided-diffusion-jittor: per-kernel compile lock v2"
 
 
 def _guard_kernel_compiles() -> None:

@@ -74,3 +74,17 @@ def test_an_unpatched_jittor_compiles_one_kernel_at_a_time_and_says_how_to_fix_i
     (tmp_path / "src" / "jit_compiler.cc").write_text("// unpatched\n")
     guided_diffusion._guard_kernel_compiles()
     assert os.environ["use_parallel_op_compiler"] == "4"
+
+
+def test_the_first_version_of_the_patch_is_replaced(tmp_path):
+    pj = _patcher()
+    with open(_installed_source()) as f:
+        patched = f.read()
+    original = patched.replace(pj.HELPERS, pj.HELPERS_ANCHOR).replace(pj.COMPILE_PATCHED, pj.COMPILE_ANCHOR)
+    first_version = (pj.HELPERS_ANCHOR + "\n// guided-diffusion-jittor: per-kernel compile lock (.ci/patch_jittor.py): "
+                     "...\n#ifndef _WIN32\nstruct KernelCompileLock { /* flock */ };\n#endif\n")
+    old = original.replace(pj.HELPERS_ANCHOR, first_version).replace(pj.COMPILE_ANCHOR, pj.COMPILE_PATCHED)
+    target = tmp_path / "jit_compiler.cc"
+    target.write_text(old)
+    assert pj.patch(str(target)) is True
+    assert target.read_text() == patched
