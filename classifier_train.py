@@ -5,6 +5,7 @@ Train a noised image classifier on ImageNet-style folders (the classifier used f
 import argparse
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.model_loading import finetune_from
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.image_datasets import check_data_classes, check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -41,6 +42,8 @@ def main() -> None:
         model, diffusion = create_classifier_and_diffusion(
             **args_to_dict(args, classifier_and_diffusion_defaults().keys())
         )
+    if args.finetune_from:
+        finetune_from(model, args.finetune_from, log=logger.log)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion) if args.noised else None
 
     logger.log("creating data loader...")

@@ -10,6 +10,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.cifar10 import check_folder_classes, load_cifar10_or_folder
 from guided_diffusion.errors import InputCheck, run_cli
 from guided_diffusion.image_datasets import with_label_dropout
+from guided_diffusion.model_loading import finetune_from
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -17,9 +18,11 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     free_model_and_diffusion_defaults,
     model_and_diffusion_defaults,
+    preview_diffusion_from_args,
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
 from guided_diffusion.train_util import (
+    PREVIEW_DEFAULTS,
     TRAINING_CORE_DEFAULTS,
     check_training_flags,
     seeded_initialisation,
@@ -55,6 +58,8 @@ def main() -> None:
         model, diffusion = create_model_and_diffusion(
             **dict(args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes + 1)
         )
+    if args.finetune_from:
+        finetune_from(model, args.finetune_from, log=logger.log)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -68,10 +73,13 @@ def main() -> None:
         class_from=args.class_from,
         num_classes=args.num_classes,
     )
+    classes = len(getattr(data, "class_names", None) or []) or args.num_classes
     data = with_label_dropout(data, args.p_uncond, null_label=args.num_classes, seed=args.seed)
 
     logger.log("training...")
-    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+    loop = train_loop_from_args(args, model, diffusion, data, schedule_sampler)
+    loop.add_preview(args.preview_interval, preview_diffusion_from_args(args), classes)  # conditional rows
+    loop.run_loop()
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -94,6 +102,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(PREVIEW_DEFAULTS)  # --preview_interval: off by default
     defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(free_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

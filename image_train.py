@@ -6,6 +6,7 @@ import argparse
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import InputCheck, run_cli
+from guided_diffusion.model_loading import finetune_from
 from guided_diffusion.image_datasets import check_data_classes, check_data_dir, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -13,9 +14,11 @@ from guided_diffusion.script_util import (
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    preview_diffusion_from_args,
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help
 from guided_diffusion.train_util import (
+    PREVIEW_DEFAULTS,
     TRAINING_CORE_DEFAULTS,
     check_training_flags,
     seeded_initialisation,
@@ -38,6 +41,8 @@ def main() -> None:
     logger.log("creating model and diffusion...")
     with seeded_initialisation(args.seed):
         model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    if args.finetune_from:
+        finetune_from(model, args.finetune_from, log=logger.log)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -53,7 +58,10 @@ def main() -> None:
     )
 
     logger.log("training...")
-    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+    loop = train_loop_from_args(args, model, diffusion, data, schedule_sampler)
+    classes = (len(data.class_names or []) or args.num_classes) if args.class_cond else None
+    loop.add_preview(args.preview_interval, preview_diffusion_from_args(args), classes)
+    loop.run_loop()
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -75,6 +83,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(PREVIEW_DEFAULTS)  # --preview_interval: off by default
     defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

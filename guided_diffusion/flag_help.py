@@ -123,6 +123,12 @@ TRAINING_FLAG_HELP: Dict[str, str] = {
                "scripts/reconstruct_ema.py then makes the EMA of any std. Empty: off",
     "max_steps": "end the run after this many optimizer steps (counted across resumes) with a complete checkpoint "
                  "set, without changing the lr schedule; 0: no limit (with --lr_anneal_steps the earlier wins)",
+    "preview_interval": "every N optimizer steps write preview_NNNNNN.png into the log dir: a grid sampled with the "
+                        "first EMA from fixed noise and labels (a row per class, at most 8), UniPC on logsnr10; "
+                        "training is unchanged by it. 0: off",
+    "finetune_from": "start from this checkpoint (released or a run's model/EMA file) at step 0 with a fresh "
+                     "optimizer: tensors that fit are loaded, the label table / classifier output of another class "
+                     "count is re-initialised, a table says which; other differences are refused",
 }
 
 

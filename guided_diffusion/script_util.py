@@ -495,3 +495,13 @@ def str2bool(v) -> bool:
         return False
     else:
         raise argparse.ArgumentTypeError("boolean value expected")
+
+
+def preview_diffusion_from_args(args) -> SpacedDiffusion:
+    """The diffusion that --preview_interval's grids walk: the training process on training.preview's grid."""
+    from .training.preview import PREVIEW_RESPACING
+
+    return create_gaussian_diffusion(
+        steps=args.diffusion_steps, learn_sigma=args.learn_sigma, noise_schedule=args.noise_schedule,
+        use_kl=args.use_kl, predict_xstart=args.predict_xstart, rescale_timesteps=args.rescale_timesteps,
+        rescale_learned_sigmas=args.rescale_learned_sigmas, timestep_respacing=PREVIEW_RESPACING)

@@ -38,6 +38,7 @@ from .training.loop import StepOutcome, TrainingLoop, seed_initialisation, stop_
 from .training.loop import seed_training_step  # noqa: F401 (public here, as before)
 from .training.optim import AdamW, linear_anneal_lr as set_annealed_lr  # noqa: F401 (the reference's names)
 from .training.phema import MAX_STD
+from .training.preview import PreviewGrid, preview_labels
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -91,6 +92,15 @@ def check_training_flags(check: InputCheck, args) -> None:
                           % (args.ema_std, MAX_STD, exc))
     if getattr(args, "max_steps", 0) < 0:
         check.problem("--max_steps must be 0 (no limit) or positive (got %d)" % args.max_steps)
+    if getattr(args, "preview_interval", 0) < 0:
+        check.problem("--preview_interval must be 0 (no previews) or positive (got %d)" % args.preview_interval)
+    if getattr(args, "finetune_from", ""):
+        if getattr(args, "resume_checkpoint", ""):
+            check.problem("--finetune_from starts a new run at step 0 and --resume_checkpoint continues one: give "
+                          "only one of them")
+        elif not os.path.isfile(args.finetune_from):
+            check.problem("--finetune_from %s: file not found; give a model checkpoint (.pt), e.g. a released one "
+                          "(scripts/download_models.py) or a modelNNNNNN.pt / emaNNN.pt of a run" % args.finetune_from)
     if getattr(args, "schedule_sampler", "uniform") not in SCHEDULE_SAMPLERS:
         check.problem("unknown --schedule_sampler %r: use %s" % (args.schedule_sampler, " or ".join(SCHEDULE_SAMPLERS)))
     if getattr(args, "resume_checkpoint", ""):
@@ -182,6 +192,24 @@ class _ADMRun:
             states["opt"]["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
         states["model"] = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
         return states
+
+    def first_average_state(self) -> Mapping[str, np.ndarray]:
+        """The model's state dict holding the first average (the first --ema_rate; without one, the weights)."""
+        params = self.emas[0].averages[0] if self.emas else self.mp_trainer.master_params
+        return {k: (v.numpy() if isinstance(v, jt.Var) else np.asarray(v))
+                for k, v in self.mp_trainer.master_params_to_state_dict(params).items()}
+
+    def add_preview(self, interval: int, diffusion, classes: Optional[int] = None) -> None:
+        """Every `interval` optimizer steps (0: never), write preview_%06d.png into the log dir: a grid sampled
+        with the first average on `diffusion` (a respaced one, training.preview.PREVIEW_RESPACING), a row per class
+        for the first `classes` classes (None: an unconditional model). Training is unchanged by it."""
+        if not interval:
+            return
+        shape = (self.model.in_channels, self.model.image_size, self.model.image_size)
+        grid = PreviewGrid(model=self.model, diffusion=diffusion, averaged_state=self.first_average_state,
+                           shape=shape, out_dir=get_blob_logdir(), seed=self.seed, labels=preview_labels(classes),
+                           log=logger.log)
+        self.loop.periodic.append((int(interval), grid))
 
     def _save_set(self, step: int) -> Optional[str]:
         """Write the set at `step` (averages, optNNNNNN.pt, modelNNNNNN.pt) into the log dir; returns the model file.
@@ -546,7 +574,9 @@ CLASSIFIER_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "anne
                          "resume_checkpoint", "log_interval", "eval_interval", "save_interval", "seed", "ema_std",
                          "max_steps")
 #: The defaults of the training-core flags every ADM training script adds to its own (off: the reference's run).
-TRAINING_CORE_DEFAULTS = dict(ema_std="", max_steps=0)
+TRAINING_CORE_DEFAULTS = dict(ema_std="", max_steps=0, finetune_from="")
+#: The defaults of the flags of the ADM scripts that train a generative model (image_train, free_train).
+PREVIEW_DEFAULTS = dict(preview_interval=0)
 
 
 def train_loop_from_args(args, model, diffusion, data, schedule_sampler=None) -> TrainLoop:

@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.model_loading import finetune_from  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.image_datasets import area_downsample, check_data_classes, check_data_dir, load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
@@ -48,6 +49,8 @@ def main() -> None:
         model, diffusion = sr_create_model_and_diffusion(
             **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
         )
+    if args.finetune_from:
+        finetune_from(model, args.finetune_from, log=logger.log)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")

@@ -1,0 +1,93 @@
+"""
+Previews while training: every N optimizer steps, a grid sampled with the EMA weights from fixed noise and fixed
+labels (a row per class, at most MAX_PREVIEW_CLASSES), written as preview_%06d.png into the log directory.
+
+A preview changes nothing in training: the weights are put back bit for bit afterwards, the model returns to
+training mode, and every training step seeds its own random draws (training.loop.seed_training_step), so the
+preview's draws cannot shift them. It runs on every rank (no Jittor op runs in a rank-0-only block under MPI) and
+rank 0 writes the file.
+"""
+
+import os
+import time
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import jittor as jt
+import numpy as np
+
+from .. import dist_util
+from ..image_grid import save_image_grid, to_uint8_images
+from ..samplers import SamplerChoice, sampler_choice
+
+#: Rows of a class-conditional preview (one per class), columns of every preview.
+MAX_PREVIEW_CLASSES = 8
+PREVIEW_COLUMNS = 4
+#: The walk: UniPC (order 2, bh2) on 10 log-SNR-uniform steps, the fast path README's "Fast sampling" recommends.
+PREVIEW_SAMPLER = "unipc"
+PREVIEW_RESPACING = "logsnr10"
+
+
+def preview_file_name(step: int) -> str:
+    """The preview grid after `step` optimizer steps."""
+    return "preview_%06d.png" % step
+
+
+def preview_labels(num_classes: Optional[int]) -> Optional[np.ndarray]:
+    """The fixed labels of a preview grid: PREVIEW_COLUMNS of each of the first classes (None: unconditional)."""
+    if not num_classes:
+        return None
+    rows = min(int(num_classes), MAX_PREVIEW_CLASSES)
+    return np.repeat(np.arange(rows, dtype=np.int64), PREVIEW_COLUMNS)
+
+
+class PreviewGrid:
+    """A callable for the training loop's periodic hooks: preview(step) samples and writes one grid.
+
+    model: the network being trained. diffusion: a respaced diffusion for the walk (PREVIEW_RESPACING).
+    averaged_state: returns the state dict (name -> numpy) of the weights to preview (the first EMA).
+    shape: (channels, height, width) of one sample. labels: preview_labels(...), or None for an unconditional
+    model. model_kwargs: extra fixed inputs per sample (e.g. low-resolution images), batch-first numpy arrays.
+    """
+
+    def __init__(self, *, model, diffusion, averaged_state: Callable[[], Mapping[str, np.ndarray]],
+                 shape: Sequence[int], out_dir: str, seed: int, labels: Optional[np.ndarray] = None,
+                 model_kwargs: Optional[Dict[str, np.ndarray]] = None, sampler: Optional[SamplerChoice] = None,
+                 log: Callable[[str], None] = print):
+        self.model = model
+        self.diffusion = diffusion
+        self.averaged_state = averaged_state
+        self.out_dir = out_dir
+        self.labels = labels
+        self.count = len(labels) if labels is not None else 2 * PREVIEW_COLUMNS
+        self.noise = np.random.RandomState(seed).randn(self.count, *shape).astype(np.float32)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.sampler = sampler or sampler_choice(PREVIEW_SAMPLER)
+        self.log = log
+
+    def __call__(self, step: int) -> None:
+        started = time.time()
+        params = dict(self.model.named_parameters())
+        kept = {name: p.numpy().copy() for name, p in params.items()}
+        was_training = self.model.is_training()
+        try:
+            averaged = self.averaged_state()
+            for name, p in params.items():
+                p.assign(jt.array(np.asarray(averaged[name]).astype(kept[name].dtype)))
+            self.model.eval()
+            kwargs = {k: jt.array(v) for k, v in self.model_kwargs.items()}
+            if self.labels is not None:
+                kwargs["y"] = jt.array(self.labels.astype(np.int32))
+            with jt.no_grad():
+                sample = self.sampler.run(self.diffusion, self.model, (self.count,) + self.noise.shape[1:],
+                                          noise=jt.array(self.noise), clip_denoised=True, model_kwargs=kwargs)
+                images = to_uint8_images(sample.numpy())
+        finally:
+            for name, p in params.items():
+                p.assign(jt.array(kept[name]))
+            jt.sync(list(params.values()))
+            if was_training:
+                self.model.train()
+        if dist_util.is_main_process():
+            path = os.path.join(self.out_dir, preview_file_name(step))
+            save_image_grid(images, path, nrow=PREVIEW_COLUMNS)
+            self.log("preview after step %d: %s (%.1f s)" % (step, path, time.time() - started))
