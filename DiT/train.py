@@ -22,7 +22,7 @@ import guided_diffusion  # noqa: F401,E402  (prepares Jittor's environment befor
 import jittor as jt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion import dist_util, model_loading  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.image_datasets import BatchIterator  # noqa: E402
 from guided_diffusion.nn import update_ema  # noqa: E402
@@ -71,6 +71,8 @@ def create_argparser() -> argparse.ArgumentParser:
                              "each, saved as phema_<std>_<step>.pt with every checkpoint (empty: off)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="end after this many optimizer steps with a checkpoint (0: run all --epochs)")
+    parser.add_argument("--finetune-from", type=str, default="", help="start at step 0 from this checkpoint's "
+                        "weights; a label table of another class count is re-initialised (the log has a table)")
     parser.add_argument("--grad-checkpoint", action="store_true",
                         help="recompute each DiT block in the backward pass: less memory, more time, same result")
     dit_util.add_model_override_flags(parser)
@@ -94,6 +96,9 @@ def main() -> None:
     except ValueError as exc:
         check.problem("--ema-std %r must be comma-separated relative stds in (0, %g], e.g. 0.05,0.1 (%s)"
                       % (args.ema_std, MAX_STD, exc))
+    if args.finetune_from and (args.resume or not os.path.isfile(args.finetune_from)):
+        check.problem("--finetune-from %s: %s" % (args.finetune_from, "give it without --resume (it starts a new run)"
+                      if args.resume else "file not found; give a DiT checkpoint (.pt)"))
     if args.resume and not os.path.isfile(args.resume):
         check.problem("--resume %s: file not found; give a checkpoint written by train.py "
                       "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
@@ -110,6 +115,8 @@ def main() -> None:
     with seeded_initialisation(args.global_seed):
         model = dit_util.build_model(args, latent_size)
         ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
+    finetuned = (model_loading.finetune_from(model, args.finetune_from, flag="--finetune-from")
+                 if args.finetune_from and not resume else None)
     dist_util.sync_params(model.parameters())
     update_ema(ema.parameters(), model.parameters(), rate=0)  # ema starts as a copy of the model
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -131,6 +138,8 @@ def main() -> None:
     guard.log = checkpoints.log = logger.info
     checkpoints.folder = os.path.join(experiment_dir, "checkpoints") if experiment_dir else None
     logger.info("Experiment directory created at %s" % experiment_dir)
+    for line in (finetuned.table().split("\n") if finetuned else []):
+        logger.info(line)
     if resume:
         logger.info("Resumed from %s at step %d%s" % (resume, train_steps, "" if args.resume else
                     " (the newest checkpoint of this command's run; pass --resume to choose another)"))

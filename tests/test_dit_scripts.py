@@ -267,3 +267,20 @@ def test_train_with_ema_std_saves_power_emas_beside_each_checkpoint_and_resumes_
     assert "from 8 snapshots" in proc.stdout
     loaded = download.find_model(str(out))  # what sample.py's --ckpt loads (strictly: same keys and shapes)
     assert {k: v.shape for k, v in loaded.items()} == {k: v.shape for k, v in raw.items()}
+
+
+def test_train_finetune_from_a_checkpoint_with_other_classes_reinitialises_the_label_table(tmp_path):
+    data = _image_folder(str(tmp_path / "data"))  # 2 classes; the fixture checkpoint has another class count
+    args = TINY_MODEL + ["--num-classes", "2", "--data-path", data, "--batch-size", "2", "--results-dir", "res",
+                         "--log-every", "1", "--ckpt-every", "100", "--max-steps", "1", "--finetune-from", TINY_CKPT]
+    _run("train.py", args, tmp_path)
+    run = tmp_path / "res" / "000-DiT-S-4"
+    log = (run / "log.txt").read_text()
+    assert "y_embedder.embedding_table.weight" in log, log[-3000:]
+    source = load_file(TINY_CKPT)
+    source = source.get("ema", source.get("model", source))
+    tuned = load_file(str(run / "checkpoints" / "0000001.pt"))
+    assert tuned["model"]["y_embedder.embedding_table.weight"].shape[0] == 3  # 2 classes + the null label
+    assert source["y_embedder.embedding_table.weight"].shape[0] != 3
+    proc = _run("train.py", args + ["--resume", str(run / "checkpoints" / "0000001.pt")], tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "--finetune-from" in proc.stderr
