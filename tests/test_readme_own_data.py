@@ -32,6 +32,7 @@ def _fixture_unet_flags() -> str:
 TINY_SETTINGS = [
     {"MODEL_FLAGS": TINY_MODEL, "DIFFUSION_FLAGS": TINY_DIFFUSION,
      "TRAIN_FLAGS": "--lr 1e-4 --batch_size 3 --save_interval 3 --lr_anneal_steps 3 --log_interval 1"},
+    {"PREVIEW_FLAGS": "--preview_interval 1 --max_steps 2"},
     {"MODEL_FLAGS": _fixture_unet_flags(), "DIFFUSION_FLAGS": "--diffusion_steps 1000 --noise_schedule linear"},
     {"MODEL_FLAGS": TINY_MODEL, "DIFFUSION_FLAGS": TINY_DIFFUSION,
      "SAMPLE_FLAGS": "--batch_size 3 --num_samples 6 --timestep_respacing ddim3 --use_ddim True",
@@ -127,13 +128,17 @@ def test_readme_own_data_commands_run_on_a_tiny_folder(tmp_path):
             from guided_diffusion.checkpoint import load_file
 
             assert load_file(str(work / "runs" / "pets" / "ema_0.9999_000003.pt"))["label_emb.weight"].shape[0] == 3
+        elif index == 1:  # previews after steps 1 and 2, and --max_steps ends the run at 2 with a whole set
+            names = os.listdir(str(work / "runs" / "pets_previews"))
+            assert {"preview_000001.png", "preview_000002.png", "model000002.pt", "opt000002.pt"} <= set(names)
+            assert "model000003.pt" not in names
         elif "--finetune_from" in script:
             log = (work / "runs" / "pets_finetuned" / "log.txt").read_text()
             assert "re-initialised" in log and "label_emb.weight" in log
-        elif index == 2:  # sampling by class name: labels in turn, only 0..2
+        elif index == 3:  # sampling by class name: labels in turn, only 0..2
             with np.load(str(work / "runs" / "pets_samples" / "samples_6x64x64x3.npz")) as data:
                 assert list(data["arr_1"]) == [0, 1, 2, 0, 1, 2] and data["arr_0"].shape == (6, 64, 64, 3)
-        elif index == 3:  # the reference batch of the folder, and the scores
+        elif index == 4:  # the reference batch of the folder, and the scores
             assert (work / "runs" / "pets_reference.npz").exists()
             assert "FID:" in proc.stdout and "Precision:" in proc.stdout
 
