@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import types
 from glob import glob
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -128,16 +127,18 @@ def vae_folder(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: depth / hidden_size / num_heads of each DiT size (the paper's Table 1, as models.py builds them); the patch size is
+#: the number after the slash. tests/test_dit_sampler_flags.py checks this table against models.DiT_models.
+DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
 def model_config(name: str) -> Dict[str, int]:
-    """depth / hidden_size / patch_size / num_heads of a registry name such as "DiT-XL/2", read from the registry
-    itself: a copy of its function whose name DiT is bound to dict returns its arguments and builds nothing (the
-    models module is left untouched)."""
+    """depth / hidden_size / patch_size / num_heads of a registry name such as "DiT-XL/2", without building it."""
     if name not in DiT_models:
         raise UserError("unknown --model %r: choose one of %s" % (name, ", ".join(DiT_models)))
-    fn = DiT_models[name]
-    reader = types.FunctionType(fn.__code__, dict(fn.__globals__, DiT=dict), fn.__name__, fn.__defaults__,
-                                fn.__closure__)
-    return reader()
+    size, patch = name[len("DiT-"):].split("/")
+    depth, hidden_size, num_heads = DIT_SIZES[size]
+    return {"depth": depth, "hidden_size": hidden_size, "patch_size": int(patch), "num_heads": num_heads}
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
