@@ -57,9 +57,9 @@ class InputCheck:
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry script's main(), reporting UserErrors as `error: ...` with exit status 2.
 
-    Under mpirun a rank that fails (any exception, a UserError, an exit status other than the coordinated ones,
-    a crash by signal) ends every rank of the job with one line naming it (`job_failure`), instead of leaving the
-    other ranks waiting in a collective.
+    Under mpirun a rank that fails with a UserError or an exit status other than the coordinated ones ends every
+    rank of the job with one line naming it (`job_failure`); other exceptions and crashes reach the handlers the
+    package installs at import (`job_failure.end_job_when_this_rank_fails`).
     """
     from . import job_failure
 
@@ -81,7 +81,4 @@ def run_cli(main: Callable[[], None]) -> None:
         code = job_failure.exit_code_of(exc)
         if in_job and code not in job_failure.COORDINATED_EXIT_CODES:
             job_failure.fail_rank(exc.code if isinstance(exc.code, str) else "", code)
-        raise
-    except BaseException as exc:
-        job_failure.handle_uncaught(exc)
         raise

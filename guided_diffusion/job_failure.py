@@ -20,8 +20,7 @@ import faulthandler
 import os
 import signal
 import sys
-import traceback
-from typing import Optional, Tuple
+from typing import Tuple
 
 # Exit statuses that every rank reaches together (the run guard stops all ranks at the same step after a signal).
 COORDINATED_EXIT_CODES = (0, 128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -109,14 +108,3 @@ def describe_exception(exc: BaseException) -> str:
     """A one-line description of an exception: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return "%s: %s" % (type(exc).__name__, text[0]) if text else type(exc).__name__
-
-
-def handle_uncaught(exc: BaseException, message: Optional[str] = None, code: int = 1) -> None:
-    """Under mpirun, end the job for an exception leaving main() (its traceback first, unless it is a message for
-    the user); elsewhere do nothing and let Python report it."""
-    if not in_multi_rank_job():
-        return
-    if message is None:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        message = describe_exception(exc)
-    fail_rank(message, code)
