@@ -21,7 +21,7 @@ import jittor as jt
 
 from guided_diffusion import checkpoint as gd_checkpoint
 from guided_diffusion import state_dicts as gd_state_dicts
-from guided_diffusion import dist_util
+from guided_diffusion import dist_util, model_loading
 from guided_diffusion.class_labels import ClassListing, class_count_problem, find_classes
 from guided_diffusion.errors import CheckpointError, DataError, InputCheck, UserError
 from guided_diffusion import samplers
@@ -30,8 +30,11 @@ from guided_diffusion.run_guard import RunGuard
 from guided_diffusion.training.checkpoints import CheckpointIO, DiTLayout
 from guided_diffusion.training.ema import EMA, ema_std_name, parse_ema_stds
 from guided_diffusion.training.optim import AdamW
+from guided_diffusion.training.phema import MAX_STD
+from guided_diffusion.training.preview import PREVIEW_RESPACING, PreviewGrid, preview_labels
 
 from autoencoder import WEIGHTS_NAMES, AutoencoderKL
+from diffusion import create_diffusion
 from download import find_model, pretrained_models
 from models import DiT, DiT_models
 
@@ -115,6 +118,26 @@ def check_sampling_flags(check: InputCheck, args: argparse.Namespace) -> None:
     check(parse_guidance_interval, args.guidance_interval, 1000, flag="--guidance-interval")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         check.problem("--guidance-rescale %g: give a factor in [0, 1] (0: off)" % args.guidance_rescale)
+
+
+def trained_classes(args: argparse.Namespace) -> model_loading.TrainedClasses:
+    """The classes a checkpoint was trained on: the classes.json train.py wrote into its experiment folder (the
+    checkpoint's folder or the one above), else --num-classes (the released models: ImageNet's 1000)."""
+    if not args.ckpt or not os.path.isfile(args.ckpt):
+        return model_loading.TrainedClasses(args.num_classes, None, "--num-classes %d" % args.num_classes)
+    return model_loading.trained_classes(args.ckpt, args.num_classes, flag="--ckpt", levels=2,
+                                         num_classes_flag="--num-classes")
+
+
+def sample_class_labels(spec: str, classes: model_loading.TrainedClasses) -> List[int]:
+    """sample.py's labels: --class-labels (ids, or names of classes.json); else the released script's 8 ImageNet
+    classes on a 1000-class model, else the model's classes in turn, 8 images."""
+    labels = model_loading.parse_class_labels(spec, classes, flag="--class-labels")
+    if labels:
+        return labels
+    if classes.count >= 1000:
+        return list(SAMPLE_CLASS_LABELS)
+    return [i % classes.count for i in range(len(SAMPLE_CLASS_LABELS))]
 
 
 def vae_folder(args: argparse.Namespace) -> str:
@@ -407,6 +430,46 @@ def experiment_dir_for(args: argparse.Namespace, resume_steps: int, resume: Opti
     with gd_checkpoint.atomic_write(os.path.join(experiment_dir, RUN_FLAGS_FILE), "w") as f:
         json.dump(run_flags(args), f, indent=1)
     return experiment_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_training_flags(check: InputCheck, args: argparse.Namespace, world: int) -> None:
+    """Record, in `check`, the problems of train.py's flags that need no file read (before anything is built)."""
+    if args.global_batch_size < 1 or args.global_batch_size % world:
+        check.problem("--global-batch-size %d must be a positive multiple of the number of processes %d"
+                      % (args.global_batch_size, world))
+    if args.log_every < 1 or args.ckpt_every < 1 or args.epochs < 1:
+        check.problem("--log-every, --ckpt-every and --epochs must be at least 1")
+    for flag in ("max_steps", "preview_every"):
+        if getattr(args, flag) < 0:
+            check.problem("--%s must be 0 (off) or positive (got %d)" % (flag.replace("_", "-"), getattr(args, flag)))
+    try:
+        parse_ema_stds(args.ema_std)
+    except ValueError as exc:
+        check.problem("--ema-std %r must be comma-separated relative stds in (0, %g], e.g. 0.05,0.1 (%s)"
+                      % (args.ema_std, MAX_STD, exc))
+    if args.finetune_from and (args.resume or not os.path.isfile(args.finetune_from)):
+        check.problem("--finetune-from %s: %s" % (args.finetune_from, "give it without --resume (it starts a new run)"
+                      if args.resume else "file not found; give a DiT checkpoint (.pt)"))
+    if args.resume and not os.path.isfile(args.resume):
+        check.problem("--resume %s: file not found; give a checkpoint written by train.py "
+                      "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
+    if (args.data_path is None) == (args.feature_path is None):
+        check.problem("give either --data-path (images) or --feature-path (features from extract_features.py)")
+
+
+def training_preview(ema: DiT, vae: AutoencoderKL, latent_size: int, num_classes: int, out_dir: Optional[str],
+                     seed: int, log=print) -> PreviewGrid:
+    """--preview-every's grid: the EMA model's conditional samples (no guidance) of the first classes, a row each,
+    from fixed latent noise, UniPC on training.preview's grid, decoded by the VAE."""
+    return PreviewGrid(model=ema, diffusion=create_diffusion(PREVIEW_RESPACING), averaged_state=None,
+                       shape=(ema.in_channels, latent_size, latent_size), out_dir=out_dir, seed=seed,
+                       labels=preview_labels(num_classes), clip_denoised=False,
+                       decode=lambda z: decode_latents(vae, z), log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -373,13 +373,14 @@ def record_classes(folder: Optional[str], log: Callable[[str], None], data: Any,
         log("class list (index = label id): %s" % write_classes(folder, listing.class_names))
 
 
-def training_data(args: argparse.Namespace, listing: Optional[Tuple[List[str], List[int], List[str]]]):
+def training_data(args: argparse.Namespace, listing: Optional[Tuple[List[str], List[int], List[str]]],
+                  vae: Optional[AutoencoderKL] = None):
     """The dataset, latent size, batch -> latents function and class count of a train.py run: from --feature-path
-    (no VAE), else from the listed images through the VAE."""
+    (the VAE is not used), else from the listed images through the VAE (loaded here when not given)."""
     if args.feature_path:
         dataset = FeatureDataset(args.feature_path)
         return dataset, dataset.latent_shape[-1], latents_from_moments, len(dataset.classes)
-    vae = dit_util.load_vae(args)
+    vae = vae or dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
     files, labels, classes = listing
     dataset = ImageDataset(args.image_size, files, classes=labels, random_flip=True)

@@ -1,6 +1,6 @@
 """
-Sample new images from a pre-trained DiT (DiT ``sample.py``): 8 fixed ImageNet classes with classifier-free
-guidance, decoded by the VAE and written as a 2x4 grid to sample.png.
+Sample new images from a pre-trained DiT (DiT ``sample.py``): 8 fixed ImageNet classes (or --class-labels) with
+classifier-free guidance, decoded by the VAE and written as a grid of 4 columns to sample.png.
 """
 
 import argparse
@@ -37,6 +37,10 @@ def create_argparser() -> argparse.ArgumentParser:
                              "VAE's downsampling factor for your own)")
     parser.add_argument("--num-classes", type=int, default=1000, help="number of classes the model was trained on")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--class-labels", type=str, default="",
+                        help="comma-separated class ids, or class names of the classes.json train.py wrote beside "
+                             "the checkpoint; empty: the released script's 8 ImageNet classes (1000-class models), "
+                             "else the model's classes in turn")
     dit_util.add_sampler_flags(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     parser.add_argument("--ckpt", type=str, default=None,
@@ -53,9 +57,8 @@ def create_argparser() -> argparse.ArgumentParser:
 def main() -> None:
     args = create_argparser().parse_args()
     check = InputCheck()
-    if max(dit_util.SAMPLE_CLASS_LABELS) >= args.num_classes:
-        check.problem("sample.py draws the ImageNet classes %s, which need --num-classes 1000"
-                      % dit_util.SAMPLE_CLASS_LABELS)
+    classes = check(dit_util.trained_classes, args)
+    class_labels = check(dit_util.sample_class_labels, args.class_labels, classes) if classes else None
     dit_util.check_sampling_flags(check, args)
     dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
 
@@ -66,7 +69,6 @@ def main() -> None:
     model.eval()  # important! (label dropout is on in training mode)
     diffusion = create_diffusion(dit_util.sampling_spacing(args))
 
-    class_labels = dit_util.SAMPLE_CLASS_LABELS
     n = len(class_labels)
     seed_all(args.seed)  # the noise depends on --seed alone (drawn after the models are built and loaded)
     z = jt.randn(n, model.in_channels, latent_size, latent_size)

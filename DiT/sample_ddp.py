@@ -66,11 +66,14 @@ def main() -> None:
     if args.cfg_scale < 1.0:
         check.problem("--cfg-scale must be >= 1.0 (got %g); 1.0 disables guidance" % args.cfg_scale)
     dit_util.check_sampling_flags(check, args)
+    classes = check(dit_util.trained_classes, args)  # labels are drawn from the classes the model was trained on
     check(check_count, args.per_proc_batch_size, "--per-proc-batch-size")
     check(check_count, args.num_fid_samples, "--num-fid-samples")
     dit_util.check_inputs(check, args, ckpt_flag="--ckpt")
     dist_util.setup_dist()
     using_cfg = args.cfg_scale > 1.0
+    if dist_util.is_main_process():
+        print(classes.describe())
 
     vae = dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
@@ -92,7 +95,7 @@ def main() -> None:
     def sample_batch(batch_index: int, n: int):
         rng = seed_batch(args.global_seed, batch_index)
         z = jt.randn(n, channels, latent_size, latent_size)  # noise first, then labels (as the reference)
-        labels = rng.randint(0, args.num_classes, size=(n,)).astype(np.int64)
+        labels = rng.randint(0, classes.count, size=(n,)).astype(np.int64)
         y = jt.array(labels.astype(np.int32))
         if using_cfg:
             z = jt.concat([z, z], dim=0)

@@ -31,7 +31,6 @@ from guided_diffusion.train_util import seeded_initialisation  # noqa: E402
 from guided_diffusion.training.ema import MultiRateEMA, PowerFunctionEMA, parse_ema_stds  # noqa: E402
 from guided_diffusion.training.loop import StepOutcome, TrainingLoop, stop_step  # noqa: E402
 from guided_diffusion.training.optim import AdamW  # noqa: E402
-from guided_diffusion.training.phema import MAX_STD  # noqa: E402
 
 import dit_util  # noqa: E402
 import features  # noqa: E402
@@ -71,6 +70,10 @@ def create_argparser() -> argparse.ArgumentParser:
                              "each, saved as phema_<std>_<step>.pt with every checkpoint (empty: off)")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="end after this many optimizer steps with a checkpoint (0: run all --epochs)")
+    parser.add_argument("--preview-every", type=int, default=0,
+                        help="every N steps write preview_NNNNNN.png into the experiment folder: EMA samples of "
+                             "the first classes (a row each, at most 8) from fixed noise, UniPC on logsnr10, "
+                             "decoded by the VAE; training is unchanged by it. 0: off")
     parser.add_argument("--finetune-from", type=str, default="", help="start at step 0 from this checkpoint's "
                         "weights; a label table of another class count is re-initialised (the log has a table)")
     parser.add_argument("--grad-checkpoint", action="store_true",
@@ -84,34 +87,17 @@ def main() -> None:
     dist_util.setup_dist()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     check = InputCheck()
-    if args.global_batch_size < 1 or args.global_batch_size % world:
-        check.problem("--global-batch-size %d must be a positive multiple of the number of processes %d"
-                      % (args.global_batch_size, world))
-    if args.log_every < 1 or args.ckpt_every < 1 or args.epochs < 1:
-        check.problem("--log-every, --ckpt-every and --epochs must be at least 1")
-    if args.max_steps < 0:
-        check.problem("--max-steps must be 0 (no limit) or positive (got %d)" % args.max_steps)
-    try:
-        parse_ema_stds(args.ema_std)
-    except ValueError as exc:
-        check.problem("--ema-std %r must be comma-separated relative stds in (0, %g], e.g. 0.05,0.1 (%s)"
-                      % (args.ema_std, MAX_STD, exc))
-    if args.finetune_from and (args.resume or not os.path.isfile(args.finetune_from)):
-        check.problem("--finetune-from %s: %s" % (args.finetune_from, "give it without --resume (it starts a new run)"
-                      if args.resume else "file not found; give a DiT checkpoint (.pt)"))
-    if args.resume and not os.path.isfile(args.resume):
-        check.problem("--resume %s: file not found; give a checkpoint written by train.py "
-                      "(results/NNN-model/checkpoints/XXXXXXX.pt)" % args.resume)
-    if (args.data_path is None) == (args.feature_path is None):
-        check.problem("give either --data-path (images) or --feature-path (features from extract_features.py)")
-    elif args.feature_path:
+    dit_util.check_training_flags(check, args, world)
+    if args.feature_path and not args.data_path:
         features.check_feature_inputs(check, args)
     listing = check(dit_util.list_image_folder, args.data_path, args.class_from, args.num_classes) \
         if args.data_path else None
-    dit_util.check_inputs(check, args, vae=not args.feature_path)
+    needs_vae = not args.feature_path or args.preview_every > 0  # previews decode latents
+    dit_util.check_inputs(check, args, vae=needs_vae)
     resume = args.resume or dit_util.find_run_to_continue(args)  # rerunning a command continues its run
 
-    dataset, latent_size, to_latents, num_classes = features.training_data(args, listing)
+    vae = dit_util.load_vae(args) if needs_vae else None
+    dataset, latent_size, to_latents, num_classes = features.training_data(args, listing, vae)
     with seeded_initialisation(args.global_seed):
         model = dit_util.build_model(args, latent_size)
         ema = dit_util.build_model(args, latent_size)  # EMA of the model, used after training
@@ -185,11 +171,14 @@ def main() -> None:
         logger.info(f"Saved checkpoint to {path}")
         return path
 
+    previews = [(args.preview_every, dit_util.training_preview(ema, vae, latent_size, num_classes, experiment_dir,
+                                                               args.global_seed, logger.info))] \
+        if args.preview_every else []
     TrainingLoop(seed=args.global_seed, guard=guard, emas=emas + power_emas, params=lambda: model.parameters(),
                  sync_vars=lambda: list(model.parameters()) + opt.param_groups[0]["m"] + opt.param_groups[0]["values"],
                  save=save, save_interval=args.ckpt_every, stop_at=stop_step(args.epochs * steps_per_epoch,
                                                                              args.max_steps),
-                 log=log).run(train_steps, step_fn)
+                 log=log, periodic=previews).run(train_steps, step_fn)
     loader.close()
     model.eval()  # important! This disables randomized embedding dropout
     logger.info("Done!")

@@ -196,9 +196,15 @@ def read_classes(path: str) -> List[str]:
     return names
 
 
-def classes_beside(checkpoint_path: str) -> Optional[str]:
-    """The classes.json in the folder of a checkpoint, when there is one."""
+def classes_beside(checkpoint_path: str, levels: int = 1) -> Optional[str]:
+    """The classes.json in the folder of a checkpoint, when there is one; levels=2 also looks one folder up (DiT
+    writes it into the experiment folder, its checkpoints into experiment/checkpoints/)."""
     if not checkpoint_path or "://" in checkpoint_path:
         return None
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CLASSES_FILE)
-    return path if os.path.isfile(path) else None
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    for _ in range(levels):
+        path = os.path.join(folder, CLASSES_FILE)
+        if os.path.isfile(path):
+            return path
+        folder = os.path.dirname(folder)
+    return None

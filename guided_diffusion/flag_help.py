@@ -125,7 +125,8 @@ TRAINING_FLAG_HELP: Dict[str, str] = {
                  "set, without changing the lr schedule; 0: no limit (with --lr_anneal_steps the earlier wins)",
     "preview_interval": "every N optimizer steps write preview_NNNNNN.png into the log dir: a grid sampled with the "
                         "first EMA from fixed noise and labels (a row per class, at most 8), UniPC on logsnr10; "
-                        "training is unchanged by it. 0: off",
+                        "super-resolution: the first images' low-resolution versions, each left of its sample. "
+                        "Training is unchanged by it. 0: off",
     "finetune_from": "start from this checkpoint (released or a run's model/EMA file) at step 0 with a fresh "
                      "optimizer: tensors that fit are loaded, the label table / classifier output of another class "
                      "count is re-initialised, a table says which; other differences are refused",

@@ -57,19 +57,22 @@ class TrainedClasses:
         return "class labels are drawn from %d classes (%s)" % (self.count, self.source)
 
 
-def trained_classes(model_path: str, num_classes: int, flag: str = "--model_path") -> TrainedClasses:
-    """The classes a checkpoint was trained on: the classes.json beside it (written by the training scripts) when
-    present, else the label table's --num_classes rows; a UserError when classes.json lists more than that."""
-    found = class_labels.classes_beside(model_path)
+def trained_classes(model_path: str, num_classes: int, flag: str = "--model_path", levels: int = 1,
+                    num_classes_flag: str = "--num_classes") -> TrainedClasses:
+    """The classes a checkpoint was trained on: the classes.json beside it (written by the training scripts; levels=2
+    also one folder up, DiT's experiment folder) when present, else the label table's --num_classes rows; a
+    UserError when classes.json lists more than that."""
+    found = class_labels.classes_beside(model_path, levels)
     if found is None:
-        return TrainedClasses(num_classes, None, "--num_classes %d; no %s beside %s %s"
-                              % (num_classes, class_labels.CLASSES_FILE, flag, model_path))
+        return TrainedClasses(num_classes, None, "%s %d; no %s beside %s %s"
+                              % (num_classes_flag, num_classes, class_labels.CLASSES_FILE, flag, model_path))
     names = class_labels.read_classes(found)
     if not names:
         raise UserError("%s lists no classes: fix or remove it" % found)
     if len(names) > num_classes:
-        raise UserError("%s lists %d classes but the model is built with --num_classes %d: pass --num_classes with "
-                        "the value used in training (at least %d)" % (found, len(names), num_classes, len(names)))
+        raise UserError("%s lists %d classes but the model is built with %s %d: pass %s with the value used in "
+                        "training (at least %d)" % (found, len(names), num_classes_flag, num_classes,
+                                                    num_classes_flag, len(names)))
     return TrainedClasses(len(names), names, found)
 
 
@@ -98,7 +101,8 @@ def _class_id(token: str, names: Optional[Sequence[str]], count: int) -> int:
     return as_int
 
 
-def parse_class_labels(spec: str, num_classes: Union[int, TrainedClasses]) -> Optional[List[int]]:
+def parse_class_labels(spec: str, num_classes: Union[int, TrainedClasses],
+                       flag: str = "--class_labels") -> Optional[List[int]]:
     """--class_labels "1,2,3" -> [1, 2, 3], or class names of classes.json ("cat,dog" -> their ids), checked
     against the classes the model was trained on (an int: that many classes, unnamed); "" -> None (random)."""
     classes = num_classes if isinstance(num_classes, TrainedClasses) else TrainedClasses(int(num_classes))
@@ -116,14 +120,14 @@ def parse_class_labels(spec: str, num_classes: Union[int, TrainedClasses]) -> Op
         except ValueError:
             if classes.names:
                 shown = ", ".join(classes.names[:20]) + (", ..." if len(classes.names) > 20 else "")
-                raise UserError("--class_labels %s: %r is neither a class id (0..%d) nor a class name of %s (%s)"
-                                % (spec, token, classes.count - 1, classes.source, shown)) from None
-            raise UserError("--class_labels must be comma-separated class ids such as 1,2,3; got %r (class names "
-                            "need a %s beside the checkpoint)" % (spec, class_labels.CLASSES_FILE)) from None
+                raise UserError("%s %s: %r is neither a class id (0..%d) nor a class name of %s (%s)"
+                                % (flag, spec, token, classes.count - 1, classes.source, shown)) from None
+            raise UserError("%s must be comma-separated class ids such as 1,2,3; got %r (class names "
+                            "need a %s beside the checkpoint)" % (flag, spec, class_labels.CLASSES_FILE)) from None
     bad = [y for y in labels if not 0 <= y < classes.count]
     if bad or not labels:
-        raise UserError("--class_labels %s: class ids must lie in 0..%d for this model (%s)"
-                        % (spec, classes.count - 1, classes.source or "its classes"))
+        raise UserError("%s %s: class ids must lie in 0..%d for this model (%s)"
+                        % (flag, spec, classes.count - 1, classes.source or "its classes"))
     return labels
 
 

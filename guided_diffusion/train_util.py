@@ -199,16 +199,21 @@ class _ADMRun:
         return {k: (v.numpy() if isinstance(v, jt.Var) else np.asarray(v))
                 for k, v in self.mp_trainer.master_params_to_state_dict(params).items()}
 
-    def add_preview(self, interval: int, diffusion, classes: Optional[int] = None) -> None:
+    def add_preview(self, interval: int, diffusion, classes: Optional[int] = None,
+                    model_kwargs: Optional[Mapping[str, np.ndarray]] = None,
+                    beside: Optional[np.ndarray] = None, shape: Optional[Sequence[int]] = None) -> None:
         """Every `interval` optimizer steps (0: never), write preview_%06d.png into the log dir: a grid sampled
         with the first average on `diffusion` (a respaced one, training.preview.PREVIEW_RESPACING), a row per class
-        for the first `classes` classes (None: an unconditional model). Training is unchanged by it."""
+        for the first `classes` classes (None: an unconditional model, or labels in model_kwargs). model_kwargs and
+        beside: fixed inputs per sample and images shown beside them (training.preview.superres_preview_inputs).
+        shape: (channels, height, width) of a sample when the model's input has more channels (super-resolution).
+        Training is unchanged by it."""
         if not interval:
             return
-        shape = (self.model.in_channels, self.model.image_size, self.model.image_size)
+        shape = shape or (self.model.in_channels, self.model.image_size, self.model.image_size)
         grid = PreviewGrid(model=self.model, diffusion=diffusion, averaged_state=self.first_average_state,
                            shape=shape, out_dir=get_blob_logdir(), seed=self.seed, labels=preview_labels(classes),
-                           log=logger.log)
+                           model_kwargs=dict(model_kwargs or {}), beside=beside, log=logger.log)
         self.loop.periodic.append((int(interval), grid))
 
     def _save_set(self, step: int) -> Optional[str]:

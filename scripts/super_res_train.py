@@ -15,14 +15,17 @@ from guided_diffusion.model_loading import finetune_from  # noqa: E402
 from guided_diffusion.errors import InputCheck, run_cli  # noqa: E402
 from guided_diffusion.image_datasets import area_downsample, check_data_classes, check_data_dir, load_data  # noqa: E402
 from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.training.preview import superres_preview_inputs  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
+    preview_diffusion_from_args,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.flag_help import TRAINING_FLAG_HELP, attach_flag_help  # noqa: E402
 from guided_diffusion.train_util import (  # noqa: E402
+    PREVIEW_DEFAULTS,
     TRAINING_CORE_DEFAULTS,
     check_training_flags,
     seeded_initialisation,
@@ -67,7 +70,12 @@ def main() -> None:
     )
 
     logger.log("training...")
-    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+    loop = train_loop_from_args(args, model, diffusion, data, schedule_sampler)
+    if args.preview_interval:  # fixed low-resolution inputs (the first images), each shown beside its sample
+        low_res, inputs = superres_preview_inputs(data.base.dataset, args.small_size, seed=args.seed)
+        loop.add_preview(args.preview_interval, preview_diffusion_from_args(args), model_kwargs=low_res,
+                         beside=inputs, shape=(3, args.large_size, args.large_size))
+    loop.run_loop()
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, random_flip=True, seed=0,
@@ -111,6 +119,7 @@ def create_argparser() -> argparse.ArgumentParser:
         random_flip=True,
         seed=0,
     )
+    defaults.update(PREVIEW_DEFAULTS)  # --preview_interval: off by default
     defaults.update(TRAINING_CORE_DEFAULTS)  # post-hoc EMA (--ema_std), --max_steps: off by default
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

@@ -86,9 +86,13 @@ def test_train_writes_checkpoints_and_resumes_exactly(tmp_path):
             np.testing.assert_array_equal(resumed[key][name], value, err_msg=name)
 
     # a fresh run of the same command (same --global-seed, another --results-dir) is the same run, initial weights
-    # included; another seed is another run
+    # included, and previews change nothing in it; another seed is another run
     fresh = [a if a != "res" else "fresh" for a in common]
-    _run("train.py", fresh + ["--epochs", "1"], tmp_path)
+    _run("train.py", fresh + ["--epochs", "1", "--preview-every", "1"], tmp_path)
+    for step in (1, 2):  # a row per class (2), 4 columns of 32 px images
+        grid = np.asarray(Image.open(str(tmp_path / "fresh" / "000-DiT-S-4" / ("preview_%06d.png" % step))))
+        assert grid.shape == (2 + 2 * 34, 2 + 4 * 34, 3)
+    assert "preview after step 2:" in (tmp_path / "fresh" / "000-DiT-S-4" / "log.txt").read_text()
     _run("train.py", fresh + ["--epochs", "1", "--global-seed", "1"], tmp_path)
     again = load_file(str(tmp_path / "fresh" / "000-DiT-S-4" / "checkpoints" / "0000002.pt"))
     other = load_file(str(tmp_path / "fresh" / "001-DiT-S-4" / "checkpoints" / "0000002.pt"))
@@ -181,6 +185,25 @@ def test_sample_ddp_writes_the_evaluator_npz(tmp_path):
     with np.load(str(folder) + "-dpm++2m-3.npz") as npz:
         assert npz["arr_0"].shape == (3, 32, 32, 3) and npz["arr_1"].tolist() == labels.tolist()
         assert not np.array_equal(npz["arr_0"], images)
+
+
+def test_sampling_a_checkpoint_of_train_py_uses_the_classes_json_of_its_experiment_folder(tmp_path):
+    experiment = tmp_path / "results" / "000-DiT-S-4"
+    os.makedirs(str(experiment / "checkpoints"))
+    ckpt = str(experiment / "checkpoints" / "0000001.pt")
+    save_file(load_file(TINY_CKPT), ckpt)
+    (experiment / "classes.json").write_text('["cat", "dog", "fox"]\n')
+    _run("sample.py", TINY_MODEL + ["--ckpt", ckpt, "--num-sampling-steps", "2", "--class-labels", "fox,dog,cat,0"],
+         tmp_path)
+    with Image.open(tmp_path / "sample.png") as im:
+        assert im.size == (2 + 4 * 34, 2 + 34)  # the four asked for, in one row
+    proc = _run("sample.py", TINY_MODEL + ["--ckpt", ckpt, "--class-labels", "fish"], tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "--class-labels" in proc.stderr and "cat, dog, fox" in proc.stderr
+    proc = _run("sample_ddp.py", TINY_MODEL + ["--ckpt", ckpt, "--num-sampling-steps", "2", "--num-fid-samples", "8",
+                                               "--per-proc-batch-size", "4", "--cfg-scale", "1"], tmp_path)
+    assert "class labels are drawn from 3 classes" in proc.stdout
+    with np.load(str(tmp_path / "samples" / "DiT-S-4-0000001-size-32-vae-ema-cfg-1.0-seed-0.npz")) as npz:
+        assert npz["arr_1"].shape == (8,) and set(npz["arr_1"].tolist()) <= {0, 1, 2}
 
 
 def test_find_model_returns_the_ema_of_a_training_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 """Runs every command of README.md's "Your own data" section on a tiny 3-class folder: the ```sh blocks are run as
 written, in order, in one working folder, with their NAME="..." settings replaced by tiny ones (and the fixtures'
-conditional UNet standing in for the released models/256x256_diffusion.pt)."""
+conditional UNet standing in for the released models/256x256_diffusion.pt, its tiny VAE for DiT's)."""
 
 import json
 import os
@@ -38,6 +38,10 @@ TINY_SETTINGS = [
      "SAMPLE_FLAGS": "--batch_size 3 --num_samples 6 --timestep_respacing ddim3 --use_ddim True",
      "CHECKPOINT": "runs/pets/ema_0.9999_000003.pt"},
     {"SAMPLES": "runs/pets_samples/samples_6x64x64x3.npz"},
+    {"DIT_FLAGS": "--model DiT-S/4 --depth 2 --hidden-size 64 --num-heads 4 --image-size 32 --num-classes 3",
+     "DIT_TRAIN_FLAGS": "--global-batch-size 3 --ckpt-every 2 --preview-every 1 --max-steps 2 --log-every 1",
+     "DIT_CHECKPOINT": "runs/dit_pets/000-DiT-S-4/checkpoints/0000002.pt",
+     "DIT_SAMPLE_FLAGS": "--sampler unipc --num-sampling-steps 3 --cfg-scale 4"},
 ]
 SETTING = re.compile(r'^([A-Z_]+)=("[^"]*"|\S+)$')  # a whole line NAME="..." or NAME=word
 
@@ -79,6 +83,9 @@ def _workspace(tmp_path):
         for i in range(3):
             pixels = np.clip(rng.randint(0, 60, size=(72, 80, 3)) + 90 * c, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(str(work / "data" / "pets" / name / ("IMG_%04d.png" % (3 * c + i))))
+    for vae in ("ema", "mse"):  # the tiny VAE in DiT's default VAE folders
+        os.makedirs(str(work / "stabilityai"), exist_ok=True)
+        os.symlink(os.path.join(FIXTURES, "dit", "vae_tiny"), str(work / "stabilityai" / ("sd-vae-ft-" + vae)))
     os.makedirs(str(work / "models"))
     os.symlink(os.path.join(FIXTURES, "guided_diffusion", "unet64_cond.pt"), str(work / "models" / "256x256_diffusion.pt"))
     return work
@@ -141,6 +148,13 @@ def test_readme_own_data_commands_run_on_a_tiny_folder(tmp_path):
         elif index == 4:  # the reference batch of the folder, and the scores
             assert (work / "runs" / "pets_reference.npz").exists()
             assert "FID:" in proc.stdout and "Precision:" in proc.stdout
+        elif index == 5:  # DiT: classes.json and previews in the experiment folder, sampling by class name
+            experiment = work / "runs" / "dit_pets" / "000-DiT-S-4"
+            with open(str(experiment / "classes.json")) as f:
+                assert json.load(f) == ["cat", "dog", "fox"]
+            assert {"preview_000001.png", "preview_000002.png"} <= set(os.listdir(str(experiment)))
+            with Image.open(str(work / "runs" / "dit_pets" / "cats_and_foxes.png")) as grid:
+                assert grid.size == (2 + 2 * 34, 2 + 34)
 
 
 def test_tiny_settings_cover_every_setting_of_the_readme_section():

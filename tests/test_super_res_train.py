@@ -4,6 +4,7 @@ import os
 import signal
 
 import numpy as np
+from PIL import Image
 
 from guided_diffusion.checkpoint import load_file
 from guided_diffusion.state_dicts import load_state_dict_strict
@@ -29,12 +30,18 @@ def test_super_res_train_trains_and_resumes_exactly(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model000002.pt")), load_file(str(tmp_path / "b" / "model000002.pt"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    # a fresh run of the same command (same --seed) is the same run: initial weights included
-    again = run_script(common, tmp_path / "c", script="scripts/super_res_train.py")
+    # a fresh run of the same command (same --seed) is the same run: initial weights included, and previews
+    # (each low-resolution input beside its sample) change nothing in it
+    again = run_script(common + ["--preview_interval", "1"], tmp_path / "c", script="scripts/super_res_train.py")
     assert again.returncode == 0, again.stderr[-3000:]
     c = load_file(str(tmp_path / "c" / "model000002.pt"))
     for k in a:
         np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+    for step in (1, 2):
+        grid = np.asarray(Image.open(str(tmp_path / "c" / ("preview_%06d.png" % step))))
+        assert grid.shape == (2 + 66, 2 + 4 * 66, 3)  # 2 images: input, sample, input, sample
+        assert grid[2:66, 2:66].std() > 0  # the upsampled low-resolution input of the first image
+    assert "preview after step 2:" in (tmp_path / "c" / "log.txt").read_text()
     flags = sr_model_and_diffusion_defaults()
     flags.update(large_size=64, small_size=32, num_channels=16, num_res_blocks=1, attention_resolutions="8",
                  diffusion_steps=50)

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from guided_diffusion.checkpoint import load_file
-from guided_diffusion.training.preview import MAX_PREVIEW_CLASSES, PREVIEW_COLUMNS, preview_labels
+from guided_diffusion.image_datasets import ArrayDataset
+from guided_diffusion.training.preview import MAX_PREVIEW_CLASSES, PREVIEW_COLUMNS, preview_labels, \
+    superres_preview_inputs
 from test_image_train import run_script
 
 TINY = ["--image_size", "32", "--num_channels", "16", "--num_res_blocks", "1", "--channel_mult", "1,2",
@@ -37,6 +39,18 @@ def test_preview_labels_are_a_row_per_class_up_to_eight():
     assert preview_labels(None) is None
     assert preview_labels(3).tolist() == sum([[c] * PREVIEW_COLUMNS for c in range(3)], [])
     assert len(preview_labels(1000)) == MAX_PREVIEW_CLASSES * PREVIEW_COLUMNS
+
+
+def test_superres_preview_inputs_are_the_first_images_downsampled_with_their_labels_and_shown_upsampled():
+    images = np.random.RandomState(0).randint(0, 256, (10, 16, 16, 3)).astype(np.uint8)
+    dataset = ArrayDataset(16, images, labels=np.arange(10) % 3, random_flip=False)
+    kwargs, beside = superres_preview_inputs(dataset, small_size=4)
+    assert kwargs["low_res"].shape == (2 * PREVIEW_COLUMNS, 3, 4, 4)
+    assert kwargs["y"].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    first = images[0].astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(kwargs["low_res"][0, 0, 0, 0], first[:4, :4, 0].mean(), rtol=1e-5)
+    assert beside.shape == (2 * PREVIEW_COLUMNS, 16, 16, 3) and beside.dtype == np.uint8
+    assert (beside[0, :4, :4] == beside[0, 0, 0]).all()  # each low-resolution pixel as a 4x4 block
 
 
 @pytest.mark.scenario
