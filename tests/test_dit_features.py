@@ -183,7 +183,8 @@ def paired_runs(tmp_path_factory):
     _extract(data, tmp / "feats", tmp, "--batch-size", "1", "--shard-size", "3")
     runs = {}
     for name, source in (("images", ["--data-path", data]), ("features", ["--feature-path", str(tmp / "feats")]),
-                         ("features_ckpt", ["--feature-path", str(tmp / "feats"), "--grad-checkpoint"])):
+                         ("features_ckpt", ["--feature-path", str(tmp / "feats"), "--grad-checkpoint",
+                                            "--preview-every", "2"])):  # previews load the VAE for themselves
         _run("train.py", TRAIN + source + ["--results-dir", name], tmp)
         runs[name] = tmp / name / "000-DiT-S-4"
     for name, first, source in (("images_then_features", "images", ["--feature-path", str(tmp / "feats")]),
@@ -235,8 +236,9 @@ def test_checkpoints_resume_on_the_other_path(paired_runs):
 
 def test_grad_checkpoint_training_run_matches(paired_runs):
     # the recompute sums the gradients in another order: float32 round-off (about 1e-11 on weights that are about
-    # 1e-4 after two steps from their zero initialisation)
+    # 1e-4 after two steps from their zero initialisation); that run also wrote a preview, decoded by the VAE
     _compare(paired_runs["features"], paired_runs["features_ckpt"], atol_scale=1e-6)
+    assert (paired_runs["features_ckpt"] / "preview_000002.png").exists()
 
 
 def test_grad_checkpoint_gives_every_parameter_the_same_gradient():
