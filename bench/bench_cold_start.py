@@ -46,6 +46,22 @@ def train_command(args, steps: int):
     return MPIRUN + cmd if args.kind.endswith("2") else cmd
 
 
+def dump_threads_of_session(session: int, path: str) -> None:
+    """Every thread's native backtrace of each process in a hung run's session, for finding where it waits."""
+    pids = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+    with open(path, "w") as f:
+        for pid in pids:
+            try:
+                with open("/proc/%s/cmdline" % pid) as cmdline:
+                    f.write("==== pid %s: %s\n" % (pid, cmdline.read().replace("\0", " ")[:300]))
+            except OSError:
+                continue
+            f.flush()
+            subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 30"], stdout=f,
+                           stderr=subprocess.STDOUT, timeout=120)
+    print("hung: backtraces of %d processes in %s" % (len(pids), path), flush=True)
+
+
 def run_once(args, jit: str, steps: int, logdir: str, kill_after=None, timeout: float = 400.0) -> dict:
     env = dict(os.environ, OPENAI_LOGDIR=logdir, cache_name=args.cache_name)
     started = time.time()
@@ -55,6 +71,8 @@ def run_once(args, jit: str, steps: int, logdir: str, kill_after=None, timeout: 
     try:
         out, _ = proc.communicate(timeout=kill_after or timeout)
     except subprocess.TimeoutExpired:
+        if not kill_after:
+            dump_threads_of_session(proc.pid, logdir + ".hang.txt")
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         killed = True
