@@ -47,6 +47,7 @@ from gaussian_data_model import GaussianDataModel  # noqa: E402  (tests/gaussian
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = {"ddim": samplers.sampler_choice("ddim"), "2M": samplers.sampler_choice("dpm++2m"),
             "3M": samplers.sampler_choice("dpm++3m"),
+            "unipc1-bh2": samplers.sampler_choice("unipc", unipc_order=1, unipc_variant="bh2"),
             "unipc2-bh1": samplers.sampler_choice("unipc", unipc_order=2, unipc_variant="bh1"),
             "unipc2-bh2": samplers.sampler_choice("unipc", unipc_order=2, unipc_variant="bh2"),
             "unipc3-bh1": samplers.sampler_choice("unipc", unipc_order=3, unipc_variant="bh1"),
@@ -165,9 +166,9 @@ def bench_unet(args) -> None:
 
 
 #: The guided runs: (label, sampler, grid) at each number of model calls.
-GUIDED_RUNS = [(s, s, g) for g in ("stride", "logsnr") for s in ("ddim", "2M", "unipc2-bh2", "unipc3-bh2",
-                                                                   "unipc2-bh1")] + [("unipc2-bh2", "unipc2-bh2",
-                                                                                      "uniform")]
+GUIDED_RUNS = [(s, s, g) for g in ("stride", "logsnr") for s in ("ddim", "2M", "unipc1-bh2", "unipc2-bh2",
+                                                                   "unipc3-bh2", "unipc2-bh1")] + [
+    ("unipc2-bh2", "unipc2-bh2", "uniform")]
 
 
 def bench_guided(args) -> None:
@@ -190,7 +191,17 @@ def bench_guided(args) -> None:
         model_fn, cond_fn = modes[mode]
         run = functools.partial(walk, diffusion_flags, model=model_fn, noise=noise, model_kwargs=kwargs,
                                 clip_denoised=True, cond_fn=cond_fn)
-        reference = run(str(args.reference_steps), sampler="ddim")[0] if args.reference_steps else None
+        reference = None
+        if args.reference_steps:
+            cached = "%s/reference_%s_ddim%d_%dper_class.npy" % (args.reference_cache, mode, args.reference_steps,
+                                                                 args.per_class) if args.reference_cache else ""
+            if cached and os.path.exists(cached):
+                reference = np.load(cached)
+            else:
+                reference = run(str(args.reference_steps), sampler="ddim")[0]
+                if cached:
+                    os.makedirs(args.reference_cache, exist_ok=True)
+                    np.save(cached, reference)
 
         def figures(out):
             images = to_uint8_images(jt.array(out))
@@ -221,6 +232,9 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="images per walk for the demo model")
     parser.add_argument("--reference_steps", type=int, default=1000,
                         help="steps of the reference solution (guided part: DDIM; 0 skips it)")
+    parser.add_argument("--reference_cache", default="",
+                        help="guided part: a folder where the DDIM reference of each mode is saved and reused "
+                             "(the same x_T and digits per class; empty: always recomputed)")
     args = parser.parse_args()
     jt.set_global_seed(0)
     if args.part in ("analytic", "all"):

@@ -62,7 +62,8 @@ FLAG_HELP: Dict[str, str] = {
     "batch_size": "images per batch (each MPI rank samples one batch at a time)",
     "use_ddim": "sample with DDIM (deterministic, eta 0) instead of DDPM: the same as --sampler ddim",
     "sampler": sampler_flag_help(),
-    "unipc_order": "--sampler unipc: order of the predictor, 1-3 (the corrector adds one at no extra model call)",
+    "unipc_order": "--sampler unipc: order of the predictor, 1-3 (the corrector adds one at no extra model call); "
+                   "1 keeps classifier guidance best with few steps (README, Fast sampling)",
     "unipc_variant": "--sampler unipc: B(h) of the update, bh1 (B(h) = h) or bh2 (B(h) = e^h - 1, diffusers' "
                      "default)",
     "guidance_interval": "LO,HI: guide only at timesteps LO <= t <= HI of the original 0..T-1 scale (Kynkaanniemi "

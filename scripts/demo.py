@@ -121,7 +121,9 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--unipc_respacing", default="logsnr10",
                         help="the UniPC row's steps: 10 model calls on the log-SNR grid (where UniPC kept classifier "
                              "guidance best at 10 calls, bench/RESULTS.md); none: skip the row")
-    parser.add_argument("--unipc_order", type=int, default=2, help="the UniPC row's predictor order (1-3)")
+    parser.add_argument("--unipc_order", type=int, default=1,
+                        help="the UniPC row's predictor order (1-3; the corrector adds one): 1 kept classifier "
+                             "guidance best at 10 calls (bench/RESULTS.md); the scripts' default is 2, as diffusers")
     parser.add_argument("--unipc_variant", default="bh2", help="the UniPC row's B(h): bh1 or bh2")
     parser.add_argument("--w", type=float, default=3.0,
                         help="classifier-free guidance weight: eps = (1 + w) eps(x, y) - w eps(x, null)")

@@ -117,7 +117,7 @@ def test_demo_writes_npz_files_grids_and_the_figures_of_every_run(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("unguided", "conditional", "cfg", "classifier"):
-        for suffix in ("", "-dpm++2m-logsnr2", "-unipc-bh2-2-logsnr2"):
+        for suffix in ("", "-dpm++2m-logsnr2", "-unipc-bh2-1-logsnr2"):
             npz = out / (name + suffix) / "samples_10x32x32x3.npz"
             with np.load(npz) as data:
                 assert data["arr_0"].shape == (10, 32, 32, 3) and data["arr_0"].dtype == np.uint8
@@ -129,9 +129,9 @@ def test_demo_writes_npz_files_grids_and_the_figures_of_every_run(tmp_path):
             with Image.open(grid) as im:
                 assert im.size == (2 + 1 * 34, 2 + 10 * 34)  # one column, one row per digit
     report = proc.stdout[proc.stdout.index("\nddim ddim2:"):proc.stdout.index("\nside by side")]
-    sections = re.split(r"^(ddim ddim2|dpm\+\+2m logsnr2|unipc-bh2-2 logsnr2):$", report, flags=re.M)
-    assert sections[1::2] == ["ddim ddim2", "dpm++2m logsnr2", "unipc-bh2-2 logsnr2"]
-    suffixes = {"ddim ddim2": "", "dpm++2m logsnr2": "-dpm++2m-logsnr2", "unipc-bh2-2 logsnr2": "-unipc-bh2-2-logsnr2"}
+    sections = re.split(r"^(ddim ddim2|dpm\+\+2m logsnr2|unipc-bh2-1 logsnr2):$", report, flags=re.M)
+    assert sections[1::2] == ["ddim ddim2", "dpm++2m logsnr2", "unipc-bh2-1 logsnr2"]
+    suffixes = {"ddim ddim2": "", "dpm++2m logsnr2": "-dpm++2m-logsnr2", "unipc-bh2-1 logsnr2": "-unipc-bh2-1-logsnr2"}
     side = proc.stdout[proc.stdout.index("\nside by side"):]
     assert re.search(r"^  classifier\s+[01]\.\d\d / [\d.]+ / [\d.]+\s+[01]\.\d\d / [\d.]+ / [\d.]+\s+[01]\.\d\d / ",
                      side, flags=re.M)
