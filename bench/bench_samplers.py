@@ -55,8 +55,9 @@ SAMPLERS = {"ddim": samplers.sampler_choice("ddim"), "2M": samplers.sampler_choi
 NETWORK_SAMPLERS = ("ddim", "2M", "3M", "unipc2-bh2", "unipc3-bh2")
 GRIDS = {"uniform": "%d", "logsnr": "logsnr%d"}
 # The networks also run on DDIM's even stride (range(0, T, T // N): it does not reach T-1, where the cosine
-# schedule's alpha_bar is 2.4e-9).
-NETWORK_GRIDS = dict(GRIDS, stride="ddim%d")
+# schedule's alpha_bar is 2.4e-9) and on the log-SNR grid from t = 990 (which leaves out the cosine schedule's last
+# nine steps, where its log-SNR falls from -4.3 to -9.9).
+NETWORK_GRIDS = dict(GRIDS, stride="ddim%d", logsnr990="logsnr%d@990")
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -168,7 +169,7 @@ def bench_unet(args) -> None:
 #: The guided runs: (label, sampler, grid) at each number of model calls.
 GUIDED_RUNS = [(s, s, g) for g in ("stride", "logsnr") for s in ("ddim", "2M", "unipc1-bh2", "unipc2-bh2",
                                                                    "unipc3-bh2", "unipc2-bh1")] + [
-    ("unipc2-bh2", "unipc2-bh2", "uniform")]
+    ("unipc2-bh2", "unipc2-bh2", "uniform")] + [(s, s, "logsnr990") for s in ("2M", "unipc1-bh2", "unipc2-bh2")]
 
 
 def bench_guided(args) -> None:

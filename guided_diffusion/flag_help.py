@@ -39,8 +39,9 @@ FLAG_HELP: Dict[str, str] = {
     "diffusion_steps": "number of steps T of the diffusion process (sampling: the number the model was trained with)",
     "noise_schedule": "beta schedule of the diffusion process: linear or cosine",
     "timestep_respacing": "sampling steps taken from --diffusion_steps: a number (e.g. 250), comma-separated "
-                          "section counts, ddimN (DDIM's even stride, e.g. ddim25), or logsnrN (N steps uniform in "
-                          "log-SNR, for the ODE samplers dpm++2m, dpm++3m, unipc); empty: all steps",
+                          "section counts, ddimN (DDIM's even stride, e.g. ddim25), logsnrN (N steps uniform in "
+                          "log-SNR, for the ODE samplers dpm++2m, dpm++3m, unipc) or logsnrN@S (the same from "
+                          "timestep S, e.g. logsnr10@990 for cosine-schedule models); empty: all steps",
     "use_kl": "train with the variational bound (KL) loss (no effect when sampling)",
     "predict_xstart": "the model predicts x_0 instead of the noise",
     "rescale_timesteps": "the model takes timesteps scaled to 0..1000",

@@ -25,15 +25,19 @@ def space_timesteps(
     The process is cut into equal sections (as many as there are counts) and each section is strided to keep its
     count. section_counts is a list of ints or a comma-separated string such as "10,15,20"; "ddimN" instead uses
     DDIM's fixed striding, range(0, T, stride), with the stride that gives exactly N steps; "logsnrN" keeps N
-    timesteps evenly spaced in log-SNR (see logsnr_timesteps), which needs the process's betas.
+    timesteps evenly spaced in log-SNR from T-1 down to 0 (see logsnr_timesteps), "logsnrN@S" from timestep S down
+    to 0 (the walk then starts at S); both need the process's betas.
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("logsnr"):
+            count_text, at, start_text = section_counts[len("logsnr"):].partition("@")
             try:
-                desired_count = int(section_counts[len("logsnr"):])
+                desired_count = int(count_text)
+                start = int(start_text) if at else num_timesteps - 1
             except ValueError:
                 raise SpacingError(
-                    f"invalid timestep respacing {section_counts!r}; use logsnrN with an integer N, e.g. logsnr20"
+                    f"invalid timestep respacing {section_counts!r}; use logsnrN or logsnrN@S with integers N "
+                    f"(steps) and S (the first timestep), e.g. logsnr20 or logsnr10@990"
                 ) from None
             if betas is None:
                 raise SpacingError(
@@ -42,7 +46,17 @@ def space_timesteps(
                 )
             if len(betas) != num_timesteps:
                 raise SpacingError(f"{len(betas)} betas given for {num_timesteps} diffusion steps")
-            return set(logsnr_timesteps(betas, desired_count))
+            if not 0 <= start < num_timesteps:
+                raise SpacingError(
+                    f"--timestep_respacing {section_counts}: the first timestep {start} must lie in 0..{num_timesteps - 1}"
+                )
+            if not 1 <= desired_count <= start + 1:
+                raise SpacingError(
+                    f"--timestep_respacing {section_counts}: cannot keep {desired_count} distinct timesteps of "
+                    f"0..{start}; use 1 to {start + 1} steps"
+                )
+            # the process's first start + 1 steps are the same betas: their log-SNR grid ends at `start`
+            return set(logsnr_timesteps(np.asarray(betas)[: start + 1], desired_count))
         if section_counts.startswith("ddim"):
             try:
                 desired_count = int(section_counts[len("ddim"):])

@@ -118,9 +118,10 @@ def create_argparser() -> argparse.ArgumentParser:
                         help="the second sampler's steps: DDIM's even stride, which stays clear of the cosine "
                              "schedule's last timesteps (alpha_bar ~ 2e-9 at t = 999, where classifier guidance's "
                              "x_0 correction is amplified ~2e4-fold; a logsnrN grid starts there)")
-    parser.add_argument("--unipc_respacing", default="logsnr10",
-                        help="the UniPC row's steps: 10 model calls on the log-SNR grid (where UniPC kept classifier "
-                             "guidance best at 10 calls, bench/RESULTS.md); none: skip the row")
+    parser.add_argument("--unipc_respacing", default="logsnr10@990",
+                        help="the UniPC row's steps: 10 model calls on the log-SNR grid from t = 990 (it leaves out "
+                             "the cosine schedule's last nine steps, where log-SNR falls from -4.3 to -9.9; there "
+                             "UniPC kept classifier guidance best, bench/RESULTS.md); none: skip the row")
     parser.add_argument("--unipc_order", type=int, default=1,
                         help="the UniPC row's predictor order (1-3; the corrector adds one): 1 kept classifier "
                              "guidance best at 10 calls (bench/RESULTS.md); the scripts' default is 2, as diffusers")

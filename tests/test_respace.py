@@ -206,6 +206,23 @@ def test_logsnr_spacing_resolves_shared_nearest_steps():
     assert cosine[-5:] == [995, 996, 997, 998, 999] and len(set(cosine)) == 20
 
 
+def test_logsnr_spacing_from_a_start_step_is_the_log_snr_grid_of_the_steps_up_to_it():
+    # cosine: logsnr10 spends 4 of its 10 steps in 994..999 (lambda -5.4 to -9.9); from 990 they spread out
+    betas = gd.get_named_beta_schedule("cosine", 1000)
+    full = sorted(space_timesteps(1000, "logsnr10", betas=betas))
+    assert full[-4:] == [994, 997, 998, 999]
+    steps = sorted(space_timesteps(1000, "logsnr10@990", betas=betas))
+    assert len(steps) == 10 and steps[0] == 0 and steps[-1] == 990
+    assert steps == sorted(space_timesteps(991, "logsnr10", betas=betas[:991]))
+    assert sorted(space_timesteps(1000, "logsnr10@999", betas=betas)) == full
+    lam = _lambda("cosine")
+    gaps = -np.diff(lam[steps])
+    assert np.abs(gaps[2:] / gaps[2:].mean() - 1).max() < 0.05  # even in log-SNR (the lowest steps are integers)
+    for bad in ("logsnr10@1000", "logsnr10@-1", "logsnr10@x", "logsnr10@", "logsnr20@5"):
+        with pytest.raises(SpacingError, match="logsnr"):
+            space_timesteps(1000, bad, betas=betas)
+
+
 def test_logsnr_spacing_refuses_what_it_cannot_do_with_user_errors():
     betas = gd.get_named_beta_schedule("linear", 100)
     with pytest.raises(SpacingError):
