@@ -62,7 +62,7 @@ def superres_preview_inputs(dataset, small_size: int, count: int = 2 * PREVIEW_C
     low_res = area_downsample(large, small_size)
     kwargs = {"low_res": low_res}
     if "y" in samples[0][1]:
-        kwargs["y"] = np.stack([cond["y"] for _, cond in samples])
+        kwargs["y"] = np.stack([cond["y"] for _, cond in samples]).astype(np.int32)
     factor = -(-large.shape[-1] // small_size)
     upsampled = low_res.repeat(factor, axis=2).repeat(factor, axis=3)[:, :, :large.shape[-2], :large.shape[-1]]
     return kwargs, to_uint8_images(upsampled)
