@@ -374,13 +374,12 @@ def record_classes(folder: Optional[str], log: Callable[[str], None], data: Any,
 
 
 def training_data(args: argparse.Namespace, listing: Optional[Tuple[List[str], List[int], List[str]]],
-                  vae: Optional[AutoencoderKL] = None):
+                  vae: Optional[AutoencoderKL]):
     """The dataset, latent size, batch -> latents function and class count of a train.py run: from --feature-path
-    (the VAE is not used), else from the listed images through the VAE (loaded here when not given)."""
+    (the VAE is not used; None there unless previews need it), else from the listed images through the VAE."""
     if args.feature_path:
         dataset = FeatureDataset(args.feature_path)
         return dataset, dataset.latent_shape[-1], latents_from_moments, len(dataset.classes)
-    vae = vae or dit_util.load_vae(args)
     latent_size = dit_util.latent_size_for(args.image_size, dit_util.vae_downsample_factor(vae))
     files, labels, classes = listing
     dataset = ImageDataset(args.image_size, files, classes=labels, random_flip=True)

@@ -55,9 +55,11 @@ SAMPLERS = {"ddim": samplers.sampler_choice("ddim"), "2M": samplers.sampler_choi
 NETWORK_SAMPLERS = ("ddim", "2M", "3M", "unipc2-bh2", "unipc3-bh2")
 GRIDS = {"uniform": "%d", "logsnr": "logsnr%d"}
 # The networks also run on DDIM's even stride (range(0, T, T // N): it does not reach T-1, where the cosine
-# schedule's alpha_bar is 2.4e-9) and on the log-SNR grid from t = 990 (which leaves out the cosine schedule's last
-# nine steps, where its log-SNR falls from -4.3 to -9.9).
-NETWORK_GRIDS = dict(GRIDS, stride="ddim%d", logsnr990="logsnr%d@990")
+# schedule's alpha_bar is 2.4e-9).
+NETWORK_GRIDS = dict(GRIDS, stride="ddim%d")
+# The guided runs (the cosine-schedule demo model) also on the log-SNR grid from t = 990, which leaves out that
+# schedule's last nine steps, where its log-SNR falls from -4.3 to -9.9.
+GUIDED_GRIDS = dict(NETWORK_GRIDS, logsnr990="logsnr%d@990")
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -217,7 +219,7 @@ def bench_guided(args) -> None:
         for label, sampler, grid in GUIDED_RUNS if args.runs == "all" else [
                 r for r in GUIDED_RUNS if "%s@%s" % (r[0], r[2]) in args.runs.split(",")]:
             for n in calls:
-                out, seconds = run(NETWORK_GRIDS[grid] % n, sampler=SAMPLERS[sampler])
+                out, seconds = run(GUIDED_GRIDS[grid] % n, sampler=SAMPLERS[sampler])
                 emit(dict(bench="samplers_guided", mode=mode, sampler=label, grid=grid, calls=n,
                           s_per_image=round(seconds / len(labels_np), 4), **figures(out)))
 

@@ -580,7 +580,8 @@ CLASSIFIER_LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "anne
                          "max_steps")
 #: The defaults of the training-core flags every ADM training script adds to its own (off: the reference's run).
 TRAINING_CORE_DEFAULTS = dict(ema_std="", max_steps=0, finetune_from="")
-#: The defaults of the flags of the ADM scripts that train a generative model (image_train, free_train).
+#: The defaults of the flags of the ADM scripts that train a generative model (image_train, free_train,
+#: scripts/super_res_train).
 PREVIEW_DEFAULTS = dict(preview_interval=0)
 
 
